@@ -1,0 +1,99 @@
+"""Model registry: configs name towers by string; `build_model` turns a config into modules."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from jaxmedclip.models.text import VARIANTS, TextTransformer
+from jaxmedclip.models.two_tower import TwoTower, l2_normalize
+from jaxmedclip.models.vit import POOLS, ViT
+
+IMAGE_TOWERS = {"vit": ViT}
+TEXT_TOWERS = {"transformer": TextTransformer}
+MODELS = {"two_tower": TwoTower}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Fixed special token ids of our SentencePiece models (input_pipeline.tokenizer).
+PAD_ID, EOS_ID = 0, 3
+
+__all__ = ["build_model", "TwoTower", "ViT", "TextTransformer", "l2_normalize"]
+
+
+def _choice(field: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{field}={value!r} is unknown; choose one of {sorted(options)}")
+
+
+def _dtype(field: str, name: str):
+    _choice(field, name, DTYPES)
+    return DTYPES[name]
+
+
+def build_model(
+    model_config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict
+) -> TwoTower:
+    """Builds the two-tower model; checks every field before any work is done.
+
+    The image size, vocabulary size and text length come from `data_config`, so that the
+    model always matches the data it is fed.
+    """
+    _choice("model.name", model_config.name, MODELS)
+    image_cfg, text_cfg = model_config.image, model_config.text
+    _choice("model.image.name", image_cfg.name, IMAGE_TOWERS)
+    _choice("model.text.name", text_cfg.name, TEXT_TOWERS)
+    _choice("model.image.pool", image_cfg.pool, POOLS)
+    _choice("model.text.variant", text_cfg.variant, VARIANTS)
+    dtype = _dtype("model.dtype", model_config.dtype)
+    param_dtype = _dtype("model.param_dtype", model_config.param_dtype)
+    size, patch = data_config.image_size, image_cfg.patch_size
+    if size % patch:
+        fits = [p for p in range(1, size + 1) if size % p == 0 and 4 <= p <= 32]
+        raise ValueError(
+            f"data.image_size={size} is not divisible by model.image.patch_size={patch}; "
+            f"patch sizes that fit: {fits}"
+        )
+    for tower, cfg in (("image", image_cfg), ("text", text_cfg)):
+        if cfg.width % cfg.num_heads:
+            raise ValueError(
+                f"model.{tower}.width={cfg.width} is not divisible by "
+                f"model.{tower}.num_heads={cfg.num_heads}"
+            )
+    common = dict(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=model_config.remat,
+        scan_layers=model_config.scan_layers,
+    )
+    image_tower = IMAGE_TOWERS[image_cfg.name](
+        patch_size=patch,
+        width=image_cfg.width,
+        depth=image_cfg.depth,
+        num_heads=image_cfg.num_heads,
+        mlp_ratio=image_cfg.mlp_ratio,
+        pool=image_cfg.pool,
+        num_channels=image_cfg.num_channels,
+        **common,
+    )
+    text_tower = TEXT_TOWERS[text_cfg.name](
+        vocab_size=data_config.vocab_size,
+        max_len=data_config.max_text_len,
+        width=text_cfg.width,
+        depth=text_cfg.depth,
+        num_heads=text_cfg.num_heads,
+        mlp_ratio=text_cfg.mlp_ratio,
+        variant=text_cfg.variant,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        **common,
+    )
+    return MODELS[model_config.name](
+        image_tower=image_tower,
+        text_tower=text_tower,
+        embed_dim=model_config.embed_dim,
+        temperature_init=model_config.temperature_init,
+        max_scale=model_config.max_scale,
+        bias_init=model_config.bias_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )

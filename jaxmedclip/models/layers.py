@@ -1,0 +1,173 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...) through
+`nn.with_logical_partitioning`; `jaxmedclip.parallel` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+dense_init = nn.initializers.xavier_uniform()
+embed_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init, names: tuple[str | None, ...]):
+    """An initializer whose parameter carries the logical axis `names`."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections ([embed] -> [heads, kv])."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, inputs_q: jax.Array, inputs_kv: jax.Array, mask: jax.Array | None = None
+    ) -> jax.Array:
+        width = inputs_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+
+        def param(name, shape, names, in_axis, out_axis):
+            init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+            return self.param(name, logical(init, names), shape, self.param_dtype)
+
+        def project(name, x):
+            kernel = param(
+                f"{name}_kernel",
+                (width, self.num_heads, head_dim),
+                ("embed", "heads", "kv"),
+                0,
+                (1, 2),
+            )
+            bias = self.param(
+                f"{name}_bias",
+                logical(nn.initializers.zeros, ("heads", "kv")),
+                (self.num_heads, head_dim),
+                self.param_dtype,
+            )
+            x = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+            return x + bias.astype(self.dtype)
+
+        q = project("query", inputs_q)
+        k = project("key", inputs_kv)
+        v = project("value", inputs_kv)
+        # mask: [batch, 1, q_len, kv_len] boolean, True where attention is allowed.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out_kernel = param(
+            "out_kernel", (self.num_heads, head_dim, width), ("heads", "kv", "embed"), (0, 1), 2
+        )
+        out_bias = self.param(
+            "out_bias", logical(nn.initializers.zeros, ("embed",)), (width,), self.param_dtype
+        )
+        out = jnp.einsum("...hk,hkd->...d", out, out_kernel.astype(self.dtype))
+        return out + out_bias.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """Two dense layers with GELU: [embed] -> [mlp] -> [embed]."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(
+            self.hidden_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(dense_init, ("embed", "mlp")),
+            bias_init=logical(nn.initializers.normal(stddev=1e-6), ("mlp",)),
+            name="fc1",
+        )(x)
+        x = nn.gelu(x, approximate=True)
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(dense_init, ("mlp", "embed")),
+            bias_init=logical(nn.initializers.normal(stddev=1e-6), ("embed",)),
+            name="fc2",
+        )(x)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block. Returns (x, None) so that it can be scanned."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
+        x = nn.with_logical_constraint(
+            x, ("activation_batch", "activation_seq", "activation_embed")
+        )
+        y = layer_norm(self.dtype, self.param_dtype, "norm1")(x)
+        x = x + Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")(y, y, mask)
+        y = layer_norm(self.dtype, self.param_dtype, "norm2")(x)
+        x = x + Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+        return x, None
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` blocks, optionally rematerialised and/or scanned over layers."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        block = Block
+        if self.remat:
+            block = nn.remat(block, prevent_cse=not self.scan_layers)
+        kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        if self.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(**kwargs, name="blocks")(x, mask)
+        else:
+            for i in range(self.depth):
+                x, _ = block(**kwargs, name=f"block_{i}")(x, mask)
+        return layer_norm(self.dtype, self.param_dtype, "final_norm")(x)

@@ -1,0 +1,79 @@
+"""Transformer text tower: causal (CLIP-style) or bidirectional (BERT-style)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmedclip.models.layers import Dtype, Encoder, embed_init, logical
+
+VARIANTS = ("causal", "bidirectional")
+
+
+class TextTransformer(nn.Module):
+    """Token + position embeddings -> transformer -> pooled vector.
+
+    `causal`: each token attends to earlier tokens; pooled at the (first) end-of-text token.
+    `bidirectional`: tokens attend to all non-pad tokens; pooled at the first token (BOS).
+    Returns `(pooled [batch, width], token_features [batch, length, width])`.
+    """
+
+    vocab_size: int
+    max_len: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    variant: str = "causal"
+    pad_id: int = 0
+    eos_id: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"model.text.variant={self.variant!r} is unknown; choose one of {VARIANTS}"
+            )
+        if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
+            raise ValueError(f"tokens must be [batch, <= {self.max_len}]; got {tokens.shape}")
+        length = tokens.shape[1]
+        embed = nn.Embed(
+            self.vocab_size,
+            self.width,
+            embedding_init=logical(embed_init, ("vocab", "embed")),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="token_embed",
+        )
+        pos = self.param(
+            "pos_embed",
+            logical(embed_init, ("seq", "embed")),
+            (self.max_len, self.width),
+            self.param_dtype,
+        )
+        x = embed(tokens) + pos[None, :length].astype(self.dtype)
+        valid = tokens != self.pad_id
+        mask = valid[:, None, None, :]
+        if self.variant == "causal":
+            mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+        x = Encoder(
+            self.depth,
+            self.num_heads,
+            int(self.width * self.mlp_ratio),
+            self.dtype,
+            self.param_dtype,
+            self.remat,
+            self.scan_layers,
+            name="encoder",
+        )(x, mask)
+        if self.variant == "causal":
+            index = jnp.argmax(tokens == self.eos_id, axis=1)
+            pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+        else:
+            pooled = x[:, 0]
+        return pooled, x

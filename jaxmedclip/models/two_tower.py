@@ -1,0 +1,84 @@
+"""The CLIP two-tower model: image tower + text tower, projections, temperature, bias."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmedclip.models.layers import Dtype, dense_init, logical
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class TwoTower(nn.Module):
+    """Embeds images and texts into one space of `embed_dim`, L2-normalised.
+
+    The temperature is learned as `log_scale` (initialised at log(temperature_init)); the
+    scale used by the loss is `exp(log_scale)` clamped at `max_scale`. `bias` (initialised
+    at `bias_init`) is used by the sigmoid loss.
+    """
+
+    image_tower: nn.Module
+    text_tower: nn.Module
+    embed_dim: int
+    temperature_init: float = 1 / 0.07
+    max_scale: float = 100.0
+    bias_init: float = -10.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.image_proj = nn.Dense(
+            self.embed_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(dense_init, ("embed", "proj")),
+        )
+        self.text_proj = nn.Dense(
+            self.embed_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(dense_init, ("embed", "proj")),
+        )
+        self.log_scale = self.param(
+            "log_scale",
+            logical(nn.initializers.constant(math.log(self.temperature_init)), ()),
+            (),
+            jnp.float32,
+        )
+        self.bias = self.param(
+            "bias", logical(nn.initializers.constant(self.bias_init), ()), (), jnp.float32
+        )
+
+    def encode_image(self, images: jax.Array, *, return_tokens: bool = False) -> Any:
+        pooled, tokens = self.image_tower(images)
+        emb = l2_normalize(self.image_proj(pooled))
+        return (emb, tokens) if return_tokens else emb
+
+    def encode_text(self, tokens: jax.Array, *, return_tokens: bool = False) -> Any:
+        pooled, features = self.text_tower(tokens)
+        emb = l2_normalize(self.text_proj(pooled))
+        return (emb, features) if return_tokens else emb
+
+    def temperature(self) -> tuple[jax.Array, jax.Array]:
+        """(scale, bias) as used by the losses: scale = min(exp(log_scale), max_scale)."""
+        scale = jnp.exp(jnp.minimum(self.log_scale, math.log(self.max_scale)))
+        return scale, self.bias
+
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+        scale, bias = self.temperature()
+        return {
+            "image_emb": self.encode_image(images),
+            "text_emb": self.encode_text(tokens),
+            "scale": scale,
+            "bias": bias,
+        }

@@ -1,0 +1,204 @@
+"""Training entry point: config -> mesh -> data -> state -> loop.
+
+  python -m jaxmedclip.train --config experiments/tiny_synthetic.py --workdir /tmp/tiny \
+      [--config.total_steps=100 --config.optim.learning_rate=3e-4 ...]
+
+Effects (files, clocks, logging) live here; the model, loss and train step are pure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxmedclip import checkpointing, config_lib, models, optim, parallel, trainer
+
+log = logging.getLogger("jaxmedclip.train")
+
+
+def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """`--config path.py[:arg]`, `--workdir DIR`, and any number of `--config.a.b=value`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxmedclip.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", required=True, help="experiment file, e.g. experiments/x.py:arg"
+    )
+    parser.add_argument("--workdir", required=True, help="where logs and checkpoints go")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(
+                f"unrecognised argument {item!r}; overrides look like --config.field=value"
+            )
+        overrides.append(item[len("--config.") :])
+    return args, overrides
+
+
+class MetricsWriter:
+    """Console lines plus one JSON object per logged step in `<workdir>/metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(
+            f"{k}={record[k]:.4g}"
+            for k in ("loss", "acc_i2t", "scale", "learning_rate", "grad_norm", "samples_per_s")
+            if k in record
+        )
+        log.info("step %d %s", step, shown)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    for field in ("total_steps", "global_batch_size", "log_every"):
+        if int(config[field]) <= 0:
+            raise ValueError(f"{field}={config[field]} must be a positive integer")
+
+
+class Setup(NamedTuple):
+    """What a run is made of, checked before any data is built or memory spent."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model: Any
+    tx: Any
+    abstract_state: trainer.TrainState
+    shardings: trainer.TrainState
+    train_step: Any
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+    """Builds mesh, model, optimizer and step; a config that does not fit fails here."""
+    check_config(config)
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_size(config.global_batch_size, mesh)
+    rules = parallel.logical_rules(config)
+    model = models.build_model(config.model, config.data)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    abstract_state, shardings = trainer.state_shardings(model, tx, config.data, mesh, rules)
+    train_step = trainer.make_train_step(model, tx, schedule, config.loss, mesh, rules, shardings)
+    # Tracing the step on abstract inputs checks the loss settings and every shape.
+    images, tokens = trainer.dummy_inputs(config.data, config.global_batch_size)
+    abstract_batch = {
+        "image": images,
+        "tokens": tokens,
+        "mask": jax.ShapeDtypeStruct((config.global_batch_size,), jnp.bool_),
+    }
+    with jax.set_mesh(mesh):
+        jax.eval_shape(train_step.jitted, abstract_state, abstract_batch)
+    return Setup(mesh, rules, model, tx, abstract_state, shardings, train_step)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None = None) -> dict:
+    """Runs (or resumes) the configured training; returns the last logged metrics."""
+    mesh, rules, model, tx, abstract_state, shardings, train_step = setup or build(config)
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    from input_pipeline import pipeline  # tensorflow is needed from here on only.
+
+    builder, tokenizer = pipeline.prepare(config.data)
+    if tokenizer.vocab_size > config.data.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but data.vocab_size="
+            f"{config.data.vocab_size}; raise data.vocab_size"
+        )
+
+    manager = checkpointing.make_manager(workdir)
+    restored = checkpointing.restore(manager, abstract_state, shardings)
+    if restored is None:
+        state, _ = trainer.create_train_state(model, tx, config.data, mesh, rules, config.seed)
+        start_step = 0
+    else:
+        state, start_step = restored
+        log.info("resumed from %s at step %d", manager.directory, start_step)
+
+    dataset = pipeline.make_dataset(
+        config.data,
+        builder,
+        tokenizer,
+        "train",
+        global_batch_size=config.global_batch_size,
+        train=True,
+        seed=config.seed,
+    )
+    # The data order is a function of (seed, step): skipping the consumed batches resumes
+    # exactly where an uninterrupted run would be.
+    batches = dataset.skip(start_step).as_numpy_iterator()
+
+    writer = MetricsWriter(workdir)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    log.info(
+        "mesh %s, %d parameters, global batch %d, %d steps",
+        dict(mesh.shape),
+        num_params,
+        config.global_batch_size,
+        config.total_steps,
+    )
+    last: dict[str, float] = {}
+    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+    for step in range(start_step + 1, config.total_steps + 1):
+        t0 = time.perf_counter()
+        batch = parallel.host_to_global(next(batches), mesh)
+        data_wait += time.perf_counter() - t0
+        state, metrics = train_step(state, batch)
+        interval_steps += 1
+        if step % config.log_every == 0 or step == config.total_steps:
+            metrics = jax.device_get(metrics)
+            if not all(np.isfinite(v) for v in metrics.values()):
+                raise FloatingPointError(f"non-finite metrics at step {step}: {metrics}")
+            elapsed = time.perf_counter() - interval_start
+            last = {
+                **{k: float(v) for k, v in metrics.items()},
+                "samples_per_s": interval_steps * config.global_batch_size / elapsed,
+                "step_time_s": elapsed / interval_steps,
+                "data_wait_s": data_wait / interval_steps,
+            }
+            writer.write(step, last)
+            interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            checkpointing.save(manager, step, state)
+    if config.total_steps > start_step:
+        checkpointing.save(manager, config.total_steps, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return last
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_lib.config_from_flags(args.config, overrides)
+        setup = build(config)
+    except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    train(config, args.workdir, setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""jaxmedclip: CLIP-style image-report pre-training for medical imaging in JAX."""
+
+from setuptools import find_packages, setup
+
+# The ranges admit this repository's CPU machines (Python 3.11, jax 0.10.x) and the
+# accelerator images (Python 3.12, jax/jaxlib 0.11.x with flax/optax/orbax preinstalled).
+CORE = [
+    "jax>=0.10.0,<0.12",
+    "flax>=0.11.0,<0.14",
+    "optax>=0.2.4,<0.3",
+    "orbax-checkpoint>=0.11.0,<0.14",
+    "ml_collections>=1.0.0,<2",
+    "numpy>=1.26,<3",
+    # Needed only by input_pipeline/ (the models, losses and train step import without it).
+    "tensorflow-cpu>=2.18,<2.22",
+    "tensorflow-datasets>=4.9.7,<5",
+    "sentencepiece>=0.2.0,<0.3",
+    "pillow>=10,<14",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8,<10",
+        "ruff>=0.6,<1",
+    ],
+    # Reserved for the PyTorch export/import (issue "PyTorch export and import").
+    # The lower bound is loose on purpose: a machine's preinstalled CPU build is kept.
+    "torch": [
+        "torch>=2.4",
+        "transformers>=4.45,<6",
+        "safetensors>=0.4,<1",
+    ],
+}
+
+setup(
+    name="jaxmedclip",
+    version="0.1.0",
+    description="CLIP-style image-report pre-training for medical imaging in JAX",
+    python_requires=">=3.11",
+    packages=find_packages(
+        include=["jaxmedclip", "jaxmedclip.*", "input_pipeline", "input_pipeline.*"]
+    ),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,105 @@
+"""Config files, typed options, field overrides and the errors a user sees."""
+
+import pytest
+
+from jaxmedclip import config_lib, train
+
+TINY = "experiments/tiny_synthetic.py"
+VIT_B16 = "experiments/vit_b16_mimic.py"
+
+
+def test_parse_arg_types_and_flags():
+    opts = config_lib.parse_arg("runlocal,steps=7,lr=0.5,name=x", runlocal=False, steps=1,
+                                lr=1.0, name="a")
+    assert opts.runlocal is True
+    assert opts.steps == 7 and isinstance(opts.steps, int)
+    assert opts.lr == 0.5 and isinstance(opts.lr, float)
+    assert opts.name == "x"
+    assert config_lib.parse_arg(None, steps=3).steps == 3
+
+
+def test_parse_arg_unknown_key_names_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown config option 'stpes'.*runlocal, steps"):
+        config_lib.parse_arg("stpes=3", runlocal=False, steps=1)
+
+
+def test_parse_arg_bad_value():
+    with pytest.raises(ValueError, match="steps=.*'x'"):
+        config_lib.parse_arg("steps=x", steps=1)
+    with pytest.raises(ValueError, match="needs a value"):
+        config_lib.parse_arg("steps", steps=1)
+
+
+def test_load_config_with_arg():
+    full = config_lib.load_config(TINY)
+    local = config_lib.load_config(TINY + ":runlocal,total_steps=3")
+    assert full.total_steps == 500 and full.global_batch_size == 128
+    assert local.total_steps == 20  # runlocal shrinks everything, including steps.
+    assert local.global_batch_size == 32
+    assert config_lib.load_config(TINY + ":loss_impl=dense").loss.impl == "dense"
+    with pytest.raises(ValueError, match="unknown config option 'nope'"):
+        config_lib.load_config(TINY + ":nope=1")
+
+
+def test_load_config_missing_file():
+    with pytest.raises(FileNotFoundError, match="does_not_exist.py"):
+        config_lib.load_config("experiments/does_not_exist.py")
+
+
+def test_overrides_keep_types_and_nest():
+    config = config_lib.config_from_flags(
+        TINY,
+        ["total_steps=12", "optim.learning_rate=3e-4", "model.image.pool=mean",
+         "data.synthetic.seed=5", "model.remat=true", "data.data_dir=/tmp/x"],
+    )
+    assert config.total_steps == 12 and isinstance(config.total_steps, int)
+    assert config.optim.learning_rate == pytest.approx(3e-4)
+    assert config.model.image.pool == "mean"
+    assert config.data.synthetic.seed == 5
+    assert config.model.remat is True
+    assert config.data.data_dir == "/tmp/x"
+
+
+def test_override_unknown_field_names_valid_ones():
+    with pytest.raises(KeyError, match=r"model.image has fields .*patch_size.*pool"):
+        config_lib.config_from_flags(TINY, ["model.image.poool=mean"])
+    with pytest.raises(KeyError, match=r"<top level> has fields .*global_batch_size"):
+        config_lib.config_from_flags(TINY, ["global_bs=3"])
+
+
+def test_override_wrong_type():
+    with pytest.raises(ValueError, match="total_steps"):
+        config_lib.config_from_flags(TINY, ["total_steps=many"])
+    with pytest.raises(ValueError, match="is a group"):
+        config_lib.config_from_flags(TINY, ["model=3"])
+
+
+def test_parse_flags_collects_overrides():
+    args, overrides = train.parse_flags(
+        ["--config", TINY + ":runlocal", "--workdir", "/tmp/w", "--config.total_steps=4"]
+    )
+    assert args.config == TINY + ":runlocal" and args.workdir == "/tmp/w"
+    assert overrides == ["total_steps=4"]
+    with pytest.raises(SystemExit):
+        train.parse_flags(["--config", TINY, "--workdir", "/tmp/w", "--steps=4"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("global_batch_size=100",
+         r"global_batch_size 100 is not divisible by the 8 devices .* e.g. 96 would fit"),
+        ("model.image.name=resnet", r"model.image.name='resnet' is unknown; choose one of \['vit'\]"),
+        ("data.image_size=60", r"data.image_size=60 is not divisible by model.image.patch_size=8"),
+        ("mesh.fsdp=3", r"mesh=.* the fixed axes use 3 devices, which does not divide the 8"),
+        ("loss.impl=carrier_pigeon", r"loss.impl='carrier_pigeon'"),
+        ("optim.schedule=wavy", r"optim.schedule='wavy' is unknown"),
+        ("total_steps=0", r"total_steps=0 must be a positive integer"),
+    ],
+)
+def test_bad_config_stops_before_work(override, message, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--config", TINY + ":runlocal", "--workdir", str(workdir),
+                    f"--config.{override}"])
+    assert not workdir.exists()  # Nothing was built or written.
