@@ -16,6 +16,9 @@ CORE = [
     "tensorflow-datasets>=4.9.7,<5",
     "sentencepiece>=0.2.0,<0.3",
     "pillow>=10,<14",
+    # Evaluation metrics (AUC, bootstrap CIs, linear probes) and ROC plots.
+    "scikit-learn>=1.3,<2",
+    "matplotlib>=3.7,<4",
 ]
 
 EXTRAS = {

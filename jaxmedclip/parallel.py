@@ -122,3 +122,30 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
             continue
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+) -> None:
+    """Joins this process to a multi-process JAX cluster.
+
+    Explicit: all three arguments given (local rehearsal, bare-metal clusters); on CPU the
+    collectives run over gloo. `auto`: `jax.distributed.initialize()` discovers the
+    cluster itself (TPU pod slices, SLURM). Neither: a single process.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(x is not None for x in explicit):
+        if any(x is None for x in explicit):
+            raise ValueError(
+                "--coordinator_address, --num_processes and --process_id go together; got "
+                f"{coordinator_address!r}, {num_processes!r}, {process_id!r}"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id {process_id} must be in [0, {num_processes})")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif auto:
+        jax.distributed.initialize()

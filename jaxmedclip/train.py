@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxmedclip import checkpointing, config_lib, models, optim, parallel, trainer
 
@@ -38,6 +41,15 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--config", required=True, help="experiment file, e.g. experiments/x.py:arg"
     )
     parser.add_argument("--workdir", required=True, help="where logs and checkpoints go")
+    cluster = parser.add_argument_group("multi-process (see launch/)")
+    cluster.add_argument("--coordinator_address", help="host:port of process 0")
+    cluster.add_argument("--num_processes", type=int)
+    cluster.add_argument("--process_id", type=int)
+    cluster.add_argument(
+        "--multihost",
+        action="store_true",
+        help="discover the cluster automatically (TPU pod slices, SLURM)",
+    )
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -161,32 +173,83 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
     )
     last: dict[str, float] = {}
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-    for step in range(start_step + 1, config.total_steps + 1):
-        t0 = time.perf_counter()
-        batch = parallel.host_to_global(next(batches), mesh)
-        data_wait += time.perf_counter() - t0
-        state, metrics = train_step(state, batch)
-        interval_steps += 1
-        if step % config.log_every == 0 or step == config.total_steps:
-            metrics = jax.device_get(metrics)
-            if not all(np.isfinite(v) for v in metrics.values()):
-                raise FloatingPointError(f"non-finite metrics at step {step}: {metrics}")
-            elapsed = time.perf_counter() - interval_start
-            last = {
-                **{k: float(v) for k, v in metrics.items()},
-                "samples_per_s": interval_steps * config.global_batch_size / elapsed,
-                "step_time_s": elapsed / interval_steps,
-                "data_wait_s": data_wait / interval_steps,
-            }
-            writer.write(step, last)
-            interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            checkpointing.save(manager, step, state)
-    if config.total_steps > start_step:
-        checkpointing.save(manager, config.total_steps, state, force=True)
+    with PreemptionWatch() as preemption:
+        for step in range(start_step + 1, config.total_steps + 1):
+            t0 = time.perf_counter()
+            batch = parallel.host_to_global(next(batches), mesh)
+            data_wait += time.perf_counter() - t0
+            state, metrics = train_step(state, batch)
+            interval_steps += 1
+            is_log = step % config.log_every == 0 or step == config.total_steps
+            is_checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            if is_log or is_checkpoint:
+                # Never log or save a state that came from a non-finite step: the last good
+                # checkpoint stays the latest one.
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+                if bad:
+                    raise FloatingPointError(
+                        f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}); "
+                        f"stopping. The last good checkpoint in {manager.directory} is step "
+                        f"{manager.latest_step()}"
+                    )
+            if is_log:
+                elapsed = time.perf_counter() - interval_start
+                last = {
+                    **metrics,
+                    "samples_per_s": interval_steps * config.global_batch_size / elapsed,
+                    "step_time_s": elapsed / interval_steps,
+                    "data_wait_s": data_wait / interval_steps,
+                }
+                writer.write(step, last)
+                interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+            if is_checkpoint:
+                checkpointing.save(manager, step, state)
+            if step < config.total_steps and preemption.should_stop(sync=is_log):
+                log.info("preempted: saving step %d and exiting", step)
+                checkpointing.save(manager, step, state, force=True)
+                break
+        else:
+            if config.total_steps > start_step:
+                checkpointing.save(manager, config.total_steps, state, force=True)
     manager.wait_until_finished()
     manager.close()
     return last
+
+
+class PreemptionWatch:
+    """SIGTERM / SIGINT ask the loop to save and stop at the next step boundary.
+
+    With several processes the request is agreed on at logging steps (every process stops
+    at the same step); a single process stops at the next step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.info("received signal %d", signum)
+        self.requested = True
+
+    def should_stop(self, sync: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        if not sync:
+            return False
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -194,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.config_from_flags(args.config, overrides)
+        parallel.initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id, args.multihost
+        )
         setup = build(config)
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise SystemExit(f"error: {e}") from None
