@@ -105,7 +105,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics.update(
             loss=loss,
-            grad_norm=optax.global_norm(grads),
+            grad_norm=optax.tree.norm(grads),
             learning_rate=schedule(state.step),
         )
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
