@@ -10,7 +10,7 @@ from jaxmedclip import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, runlocal=False, loss_impl="all_gather")
+    arg = config_lib.parse_arg(arg, runlocal=False, loss_impl="ring")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = 40_000

@@ -180,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
             data_wait += time.perf_counter() - t0
             state, metrics = train_step(state, batch)
             interval_steps += 1
-            is_log = step % config.log_every == 0 or step == config.total_steps
+            is_log = step % config.log_every == 0 or step in (start_step + 1, config.total_steps)
             is_checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
             if is_log or is_checkpoint:
                 # Never log or save a state that came from a non-finite step: the last good
@@ -253,7 +253,13 @@ class PreemptionWatch:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    # Our own handler: absl/tensorflow configure the root logger at WARNING when imported.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    package_log = logging.getLogger("jaxmedclip")
+    package_log.handlers[:] = [handler]
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
     args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.config_from_flags(args.config, overrides)

@@ -1,0 +1,454 @@
+"""The sharded contrastive losses against the dense reference (values and gradients).
+
+The dense loss is itself checked against a float64 numpy transcription of the semantics
+in the `jaxmedclip.losses` docstring. Needs the 8 fake CPU devices of conftest.py.
+"""
+
+import functools
+import itertools
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmedclip import losses
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS_DIR)
+import multiprocess_loss_worker  # noqa: E402
+
+MESHES = {
+    "data8": ((8,), ("data",)),
+    "data4_fsdp2": ((4, 2), ("data", "fsdp")),
+    "data2": ((2,), ("data",)),
+    "single": ((1,), ("data",)),
+}
+LOSS_TARGETS = list(itertools.product(losses.LOSSES, losses.TARGETS))
+SHARDED = ("all_gather", "ring")
+TOL = 1e-5
+
+
+def make_mesh(name, explicit=False):
+    shape, names = MESHES[name]
+    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
+    types = (AxisType.Explicit if explicit else AxisType.Auto,) * len(names)
+    return Mesh(devices, names, axis_types=types)
+
+
+def make_inputs(global_batch=32, dim=16, num_labels=5, seed=0, near_identical=False):
+    """Embeddings and a batch with padding, repeated study/text ids and label rows."""
+    rng = np.random.default_rng(seed)
+    if near_identical:
+        base = rng.normal(size=(1, dim))
+        image = base + 1e-3 * rng.normal(size=(global_batch, dim))
+        text = base + 1e-3 * rng.normal(size=(global_batch, dim))
+    else:
+        image = rng.normal(size=(global_batch, dim))
+        text = image + 0.8 * rng.normal(size=(global_batch, dim))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    labels = rng.integers(-1, 2, size=(global_batch, num_labels)).astype(np.float32)
+    labels[::7] = 0.0
+    labels[1::5] = labels[3]
+    mask = np.ones(global_batch, bool)
+    mask[-3:] = False
+    mask[5] = False
+    batch = {
+        "mask": mask,
+        "study_id": rng.integers(0, global_batch // 3, global_batch).astype(np.int32),
+        "text_id": rng.integers(0, global_batch // 2, global_batch).astype(np.int32),
+        "labels": labels,
+        "labels_present": labels != 0,
+    }
+    return image.astype(np.float32), text.astype(np.float32), batch
+
+
+def loss_config(name, targets, impl="dense", **overrides):
+    fields = dict(
+        name=name, impl=impl, targets=targets, multi_positive_key=("study_id", "text_id"),
+        soft_target_temperature=0.25, label_smoothing=0.1, i2t_weight=0.3, t2i_weight=0.7,
+    )
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def run_loss(config, image, text, batch, scale, bias, mesh=None, batch_axes=("data",)):
+    """(loss, metrics, grads w.r.t. image, text, scale, bias) from one jitted train-style call."""
+
+    def loss_fn(image, text, scale, bias, batch):
+        return losses.contrastive_loss(
+            image, text, scale, bias, batch, config=config, mesh=mesh, batch_axes=batch_axes
+        )
+
+    if mesh is not None:
+        rows = NamedSharding(mesh, P(tuple(batch_axes)))
+        image, text = jax.device_put(image, rows), jax.device_put(text, rows)
+        batch = {k: jax.device_put(v, rows) for k, v in batch.items()}
+    step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True))
+    (loss, metrics), grads = step(image, text, jnp.float32(scale), jnp.float32(bias), batch)
+    to_numpy = lambda x: np.asarray(x, np.float32)
+    return to_numpy(loss), jax.tree.map(to_numpy, metrics), [to_numpy(g) for g in grads]
+
+
+@functools.cache
+def dense_result(name, targets, near_identical=False, scale=10.0, bias=-5.0):
+    image, text, batch = make_inputs(near_identical=near_identical)
+    return run_loss(loss_config(name, targets), image, text, batch, scale, bias)
+
+
+def assert_same(expected, actual, tol=TOL, accuracy_tol=TOL):
+    loss, metrics, grads = expected
+    got_loss, got_metrics, got_grads = actual
+    np.testing.assert_allclose(got_loss, loss, rtol=tol, atol=tol)
+    assert set(got_metrics) == set(metrics)
+    for key in metrics:
+        atol = accuracy_tol if key.startswith("acc_") else tol
+        np.testing.assert_allclose(got_metrics[key], metrics[key], rtol=tol, atol=atol,
+                                   err_msg=key)
+    for what, want, got in zip(("image", "text", "scale", "bias"), grads, got_grads, strict=True):
+        assert np.all(np.isfinite(got)), what
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=f"grad {what}")
+
+
+def check_against_dense(name, targets, impl, mesh_name, near_identical=False, scale=10.0,
+                        bias=-5.0, accuracy_tol=TOL):
+    image, text, batch = make_inputs(near_identical=near_identical)
+    mesh = make_mesh(mesh_name)
+    actual = run_loss(
+        loss_config(name, targets, impl), image, text, batch, scale, bias, mesh=mesh,
+        batch_axes=mesh.axis_names,
+    )
+    assert_same(dense_result(name, targets, near_identical, scale, bias), actual,
+                accuracy_tol=accuracy_tol)
+
+
+# Nearly identical embeddings at scale 100 give near-ties among the top logits: the same
+# pair's logit from a [local, local] block and from the [B, B] matrix may differ in the
+# last bit, which can flip a top-1 decision. Allow two flips among the 28 valid examples.
+NEAR_TIE_ACCURACY_TOL = 2.5 / 28
+
+
+# ----------------------------------------------------------------------------------------
+# The dense reference against a float64 numpy transcription of the documented semantics.
+
+
+def numpy_reference(image, text, scale, bias, batch, config):
+    image, text = image.astype(np.float64), text.astype(np.float64)
+    size = len(image)
+    mask = batch["mask"]
+    logits = scale * image @ text.T + (bias if config.name == "sigmoid" else 0.0)
+    same = np.eye(size, dtype=bool)
+    if config.targets == "one_hot":
+        affinity, positive = same.astype(float), same
+    elif config.targets == "multi_positive":
+        match = same.copy()
+        for key in config.multi_positive_key:
+            match |= batch[key][:, None] == batch[key][None, :]
+        affinity, positive = match.astype(float), match
+    else:
+        labels = batch["labels"].astype(np.float64)
+        norm = np.linalg.norm(labels, axis=1)
+        labelled = norm > 0
+        unit = labels / np.where(labelled, norm, 1.0)[:, None]
+        cosine = np.minimum(unit @ unit.T, 1.0)
+        both = labelled[:, None] & labelled[None, :]
+        affinity = np.where(
+            same, 1.0, np.where(both, np.exp((cosine - 1) / config.soft_target_temperature), 0)
+        )
+        positive = same | (both & (cosine >= 1 - 1e-6))
+    count = mask.sum()
+    eps = config.label_smoothing
+    valid = np.flatnonzero(mask)
+
+    def softmax_direction(logits, affinity):
+        total = 0.0
+        for i in valid:
+            row = logits[i, valid]
+            log_probs = row - np.log(np.sum(np.exp(row - row.max()))) - row.max()
+            target = affinity[i, valid] / affinity[i, valid].sum()
+            target = (1 - eps) * target + eps / count
+            total -= np.sum(target * log_probs)
+        return total / count
+
+    def accuracy(logits, positive):
+        return np.mean([positive[i, valid[np.argmax(logits[i, valid])]] for i in valid])
+
+    if config.name == "softmax":
+        loss_i2t = softmax_direction(logits, affinity)
+        loss_t2i = softmax_direction(logits.T, affinity.T)
+        loss = config.i2t_weight * loss_i2t + config.t2i_weight * loss_t2i
+    else:
+        target = (1 - eps) * affinity + eps / 2
+        log_sig = lambda z: -np.logaddexp(0.0, -z)
+        pairs = -(target * log_sig(logits) + (1 - target) * log_sig(-logits))
+        loss = loss_i2t = loss_t2i = pairs[np.ix_(valid, valid)].sum() / count
+    pair_valid = mask[:, None] & mask[None, :]
+    metrics = {
+        "loss_i2t": loss_i2t,
+        "loss_t2i": loss_t2i,
+        "acc_i2t": accuracy(logits, positive),
+        "acc_t2i": accuracy(logits.T, positive.T),
+        "logit_pos": logits[pair_valid & positive].mean(),
+        "logit_neg": logits[pair_valid & ~positive].mean(),
+    }
+    return loss, metrics
+
+
+@pytest.mark.parametrize("name,targets", LOSS_TARGETS)
+def test_dense_matches_numpy_reference(name, targets):
+    image, text, batch = make_inputs()
+    config = loss_config(name, targets)
+    want_loss, want_metrics = numpy_reference(image, text, 10.0, -5.0, batch, config)
+    loss, metrics, _ = dense_result(name, targets)
+    np.testing.assert_allclose(loss, want_loss, rtol=TOL, atol=TOL)
+    for key, want in want_metrics.items():
+        np.testing.assert_allclose(metrics[key], want, rtol=TOL, atol=TOL, err_msg=key)
+
+
+def test_soft_targets_of_unlabelled_examples_are_one_hot():
+    image, text, batch = make_inputs()
+    batch["labels"] = np.zeros_like(batch["labels"])
+    soft = run_loss(loss_config("softmax", "soft_labels"), image, text, batch, 10.0, 0.0)
+    one_hot = run_loss(loss_config("softmax", "one_hot"), image, text, batch, 10.0, 0.0)
+    assert_same(one_hot, soft)
+
+
+def test_multi_positive_with_unique_ids_is_one_hot():
+    image, text, batch = make_inputs()
+    batch["study_id"] = np.arange(len(image), dtype=np.int32)
+    config = loss_config("softmax", "multi_positive", multi_positive_key="study_id")
+    multi = run_loss(config, image, text, batch, 10.0, 0.0)
+    assert_same(run_loss(loss_config("softmax", "one_hot"), image, text, batch, 10.0, 0.0), multi)
+
+
+def test_old_config_and_missing_batch_fields_use_defaults():
+    image, text, batch = make_inputs()
+    config = ml_collections.ConfigDict(dict(name="softmax", impl="all_gather"))
+    loss, metrics, _ = run_loss(config, image, text, {}, 10.0, 0.0, mesh=make_mesh("data8"))
+    ones = {"mask": np.ones(len(image), bool)}
+    want = run_loss(loss_config("softmax", "one_hot", label_smoothing=0.0, i2t_weight=0.5,
+                                t2i_weight=0.5), image, text, ones, 10.0, 0.0)
+    np.testing.assert_allclose(loss, want[0], rtol=TOL, atol=TOL)
+
+
+# ----------------------------------------------------------------------------------------
+# Sharded implementations against dense: every loss x target kind x implementation.
+
+# The default run scores every loss x target kind x implementation once, spreading them
+# over the four meshes; the slow sweep runs the rest of the product.
+DEFAULT_CASES = [
+    (name, targets, impl, list(MESHES)[(i + 2 * j) % len(MESHES)])
+    for i, (name, targets) in enumerate(LOSS_TARGETS)
+    for j, impl in enumerate(SHARDED)
+]
+SLOW_CASES = [
+    (name, targets, impl, mesh)
+    for mesh in MESHES
+    for (name, targets), impl in itertools.product(LOSS_TARGETS, SHARDED)
+    if (name, targets, impl, mesh) not in DEFAULT_CASES
+]
+
+
+@pytest.mark.parametrize("name,targets,impl,mesh_name", DEFAULT_CASES)
+def test_sharded_matches_dense(name, targets, impl, mesh_name):
+    check_against_dense(name, targets, impl, mesh_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,targets,impl,mesh_name", SLOW_CASES)
+def test_sharded_matches_dense_full_sweep(name, targets, impl, mesh_name):
+    check_against_dense(name, targets, impl, mesh_name)
+
+
+@pytest.mark.parametrize("name,impl", (("softmax", "ring"), ("sigmoid", "all_gather")))
+def test_extreme_scale_nearly_identical_embeddings(name, impl):
+    check_against_dense(name, "multi_positive", impl, "data8", near_identical=True,
+                        scale=100.0, bias=-10.0, accuracy_tol=NEAR_TIE_ACCURACY_TOL)
+    loss, metrics, grads = dense_result(name, "multi_positive", True, 100.0, -10.0)
+    assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", SHARDED)
+@pytest.mark.parametrize("name,targets", LOSS_TARGETS)
+def test_extreme_scale_full_sweep(name, targets, impl):
+    check_against_dense(name, targets, impl, "data4_fsdp2", near_identical=True,
+                        scale=100.0, bias=-10.0, accuracy_tol=NEAR_TIE_ACCURACY_TOL)
+
+
+@pytest.mark.parametrize("impl", SHARDED)
+def test_bfloat16_embeddings_accumulate_in_float32(impl):
+    image, text, batch = make_inputs()
+    image, text = jnp.asarray(image, jnp.bfloat16), jnp.asarray(text, jnp.bfloat16)
+    config = loss_config("softmax", "soft_labels", impl)
+    dense = run_loss(loss_config("softmax", "soft_labels"), image, text, batch, 10.0, 0.0)
+    mesh = make_mesh("data4_fsdp2")
+    sharded = run_loss(config, image, text, batch, 10.0, 0.0, mesh=mesh,
+                       batch_axes=mesh.axis_names)
+    np.testing.assert_allclose(sharded[0], dense[0], rtol=TOL, atol=TOL)
+    for want, got in zip(dense[2][:2], sharded[2][:2], strict=True):
+        # Gradients come back in bfloat16: equal up to its rounding (8 mantissa bits).
+        np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-4)
+    np.testing.assert_allclose(sharded[2][2], dense[2][2], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("impl", SHARDED)
+def test_batch_on_some_axes_of_a_larger_mesh(impl):
+    """Batch over `data` only; the `tensor` axis holds replicas that must not double-count."""
+    image, text, batch = make_inputs()
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
+    config = loss_config("sigmoid", "multi_positive", impl)
+    actual = run_loss(config, image, text, batch, 10.0, -5.0, mesh=mesh, batch_axes=("data",))
+    assert_same(dense_result("sigmoid", "multi_positive"), actual)
+
+
+@pytest.mark.parametrize(
+    "impl", ("dense", "ring", pytest.param("all_gather", marks=pytest.mark.slow))
+)
+def test_explicit_sharding_mesh(impl):
+    image, text, batch = make_inputs()
+    mesh = make_mesh("data4_fsdp2", explicit=True)
+    actual = run_loss(loss_config("softmax", "soft_labels", impl), image, text, batch, 10.0,
+                      -5.0, mesh=mesh, batch_axes=mesh.axis_names)
+    assert_same(dense_result("softmax", "soft_labels"), actual)
+
+
+def test_ring_memory_does_not_grow_with_devices():
+    """Compiled temporary memory per device at a fixed local batch: ring flat, gather grows."""
+
+    def temp_bytes(impl, devices, local=64, dim=64):
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+        config = loss_config("softmax", "one_hot", impl)
+        rows = NamedSharding(mesh, P("data"))
+        emb = jax.ShapeDtypeStruct((local * devices, dim), jnp.float32, sharding=rows)
+
+        def loss_fn(image, text, scale):
+            return losses.contrastive_loss(image, text, scale, None, {}, config=config,
+                                           mesh=mesh, batch_axes=("data",))[0]
+
+        grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))
+        compiled = grad.lower(emb, emb, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    # From 4 devices on, the ring's loop runs; with 2 it is a single exchange.
+    ring = temp_bytes("ring", 8) / temp_bytes("ring", 4)
+    gather = temp_bytes("all_gather", 8) / temp_bytes("all_gather", 4)
+    assert ring <= 1.1, ring
+    assert gather > 1.5, gather
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input.
+
+
+def call_loss(image, text, batch, *, mesh=None, batch_axes=("data",), bias=0.0, **fields):
+    config = loss_config(fields.pop("name", "softmax"), fields.pop("targets", "one_hot"),
+                         fields.pop("impl", "all_gather"), **fields)
+    return losses.contrastive_loss(image, text, jnp.float32(10.0), bias, batch,
+                                   config=config, mesh=mesh, batch_axes=batch_axes)
+
+
+def test_mismatched_embedding_shapes():
+    image, text, batch = make_inputs()
+    with pytest.raises(ValueError, match=r"same shape; got \(32, 16\) and \(32, 8\)"):
+        call_loss(image, text[:, :8], batch)
+    with pytest.raises(ValueError, match=r"\[batch, dim\]"):
+        call_loss(image[0], text[0], batch)
+
+
+def test_batch_not_divisible_by_the_batch_axes():
+    image, text, batch = make_inputs(global_batch=12)
+    with pytest.raises(ValueError, match=r"global batch 12 is not divisible by the 8 devices"):
+        call_loss(image, text, batch, mesh=make_mesh("data8"))
+
+
+def test_targets_with_the_wrong_length():
+    image, text, batch = make_inputs()
+    short = dict(batch, study_id=batch["study_id"][:-1])
+    with pytest.raises(ValueError, match=r"batch\['study_id'\] must be int \[32\].*\(31,\)"):
+        call_loss(image, text, short, targets="multi_positive")
+    with pytest.raises(ValueError, match=r"batch\['mask'\] must be bool \[32\]"):
+        call_loss(image, text, dict(batch, mask=batch["mask"][:16]))
+    with pytest.raises(ValueError, match=r"batch\['labels'\] must be float \[32, num_labels\]"):
+        call_loss(image, text, dict(batch, labels=batch["labels"][:, 0]), targets="soft_labels")
+    with pytest.raises(ValueError, match=r"needs batch\['labels'\]"):
+        call_loss(image, text, {"mask": batch["mask"]}, targets="soft_labels")
+
+
+def test_bad_config_and_axes():
+    image, text, batch = make_inputs()
+    with pytest.raises(ValueError, match=r"loss.impl='ringg' is unknown"):
+        call_loss(image, text, batch, impl="ringg")
+    with pytest.raises(ValueError, match=r"loss.multi_positive_key='report' is unknown"):
+        call_loss(image, text, batch, multi_positive_key="study_id,report")
+    with pytest.raises(ValueError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
+        call_loss(image, text, batch, label_smoothing=1.0)
+    with pytest.raises(ValueError, match=r"batch_axes=\('batch',\) must be distinct axes"):
+        call_loss(image, text, batch, mesh=make_mesh("data8"), batch_axes="batch")
+    with pytest.raises(ValueError, match=r"sigmoid loss needs a bias"):
+        call_loss(image, text, batch, name="sigmoid", bias=None)
+
+
+def test_loss_spec_reads_both_key_spellings():
+    spec = losses.LossSpec.from_config({"multi_positive_key": "study_id, text_id"})
+    assert spec.multi_positive_key == ("study_id", "text_id")
+    assert losses.LossSpec.from_config({}) == losses.LossSpec()
+
+
+# ----------------------------------------------------------------------------------------
+# Two processes x four devices (gloo on localhost) against the single-process reference.
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ring_across_two_processes(tmp_path):
+    out_file = tmp_path / "results.npz"
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    worker = os.path.join(TESTS_DIR, "multiprocess_loss_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), str(port), str(out_file)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=240)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    if any(p.returncode for p in procs):
+        log = "\n".join(logs)
+        if "gloo" in log.lower() and ("not available" in log or "unsupported" in log.lower()):
+            pytest.skip(f"jaxlib here has no gloo CPU collectives:\n{log[-2000:]}")
+        pytest.fail(f"worker failed (exit codes {[p.returncode for p in procs]}):\n{log[-4000:]}")
+
+    results = np.load(out_file)
+    image, text, batch = multiprocess_loss_worker.global_inputs()
+    for name, fields in multiprocess_loss_worker.CONFIGS.items():
+        config = ml_collections.ConfigDict(dict(fields, impl="dense"))
+        want = run_loss(config, image, text, batch, multiprocess_loss_worker.SCALE,
+                        multiprocess_loss_worker.BIAS)
+        got = (
+            results[f"{name}/loss"],
+            {key: results[f"{name}/{key}"] for key in want[1]},
+            [results[f"{name}/grad_{key}"] for key in ("image", "text", "scale", "bias")],
+        )
+        assert_same(want, got)
