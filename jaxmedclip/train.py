@@ -19,13 +19,15 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxmedclip import checkpointing, config_lib, models, optim, parallel, trainer
+from input_pipeline.findings import CHEXPERT_FINDINGS
+from jaxmedclip import checkpointing, config_lib, flops, models, optim, parallel, trainer
 
 log = logging.getLogger("jaxmedclip.train")
 
@@ -41,6 +43,11 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--config", required=True, help="experiment file, e.g. experiments/x.py:arg"
     )
     parser.add_argument("--workdir", required=True, help="where logs and checkpoints go")
+    parser.add_argument(
+        "--compile_only",
+        action="store_true",
+        help="compile the train step for the configured mesh, print memory and FLOPs, exit",
+    )
     cluster = parser.add_argument_group("multi-process (see launch/)")
     cluster.add_argument("--coordinator_address", help="host:port of process 0")
     cluster.add_argument("--num_processes", type=int)
@@ -111,15 +118,52 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     abstract_state, shardings = trainer.state_shardings(model, tx, config.data, mesh, rules)
     train_step = trainer.make_train_step(model, tx, schedule, config.loss, mesh, rules, shardings)
     # Tracing the step on abstract inputs checks the loss settings and every shape.
-    images, tokens = trainer.dummy_inputs(config.data, config.global_batch_size)
-    abstract_batch = {
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        jax.eval_shape(train_step.jitted, abstract_state, abstract_batch(config))
+    return Setup(mesh, rules, model, tx, abstract_state, shardings, train_step)
+
+
+def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the input pipeline produces, as shapes and dtypes."""
+    b = config.global_batch_size
+    images, tokens = trainer.dummy_inputs(config.data, b)
+    num_labels = len(CHEXPERT_FINDINGS)
+    return {
         "image": images,
         "tokens": tokens,
-        "mask": jax.ShapeDtypeStruct((config.global_batch_size,), jnp.bool_),
+        "study_id": jax.ShapeDtypeStruct((b,), jnp.int32),
+        "text_id": jax.ShapeDtypeStruct((b,), jnp.int32),
+        "labels": jax.ShapeDtypeStruct((b, num_labels), jnp.float32),
+        "labels_present": jax.ShapeDtypeStruct((b, num_labels), jnp.bool_),
+        "mask": jax.ShapeDtypeStruct((b,), jnp.bool_),
     }
-    with jax.set_mesh(mesh):
-        jax.eval_shape(train_step.jitted, abstract_state, abstract_batch)
-    return Setup(mesh, rules, model, tx, abstract_state, shardings, train_step)
+
+
+def compile_report(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, float]:
+    """Compiles the train step ahead of time for the configured mesh; memory and FLOPs."""
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        compiled = setup.train_step.jitted.lower(
+            setup.abstract_state, abstract_batch(config)
+        ).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    gib = 1024**3
+    report = {
+        "devices": setup.mesh.size,
+        "argument_gib": memory.argument_size_in_bytes / gib,
+        "output_gib": memory.output_size_in_bytes / gib,
+        "temp_gib": memory.temp_size_in_bytes / gib,
+        "alias_gib": memory.alias_size_in_bytes / gib,
+        "xla_tflops_per_device": float((cost or {}).get("flops", float("nan"))) / 1e12,
+        "model_tflops_per_device": flops.train_flops_per_step(config) / setup.mesh.size / 1e12,
+    }
+    # Donated state aliases the outputs: peak is roughly arguments + temporaries + outputs
+    # that are not aliased.
+    report["peak_gib_per_device"] = (
+        report["argument_gib"] + report["temp_gib"] + report["output_gib"] - report["alias_gib"]
+    )
+    return report
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None = None) -> dict:
@@ -210,7 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
                 checkpointing.save(manager, step, state, force=True)
                 break
         else:
-            if config.total_steps > start_step:
+            if config.total_steps > start_step and manager.latest_step() != config.total_steps:
                 checkpointing.save(manager, config.total_steps, state, force=True)
     manager.wait_until_finished()
     manager.close()
@@ -269,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup = build(config)
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.compile_only:
+        report = compile_report(config, setup)
+        for key, value in report.items():
+            print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+        return
     train(config, args.workdir, setup)
 
 

@@ -9,8 +9,9 @@ VIT_B16 = "experiments/vit_b16_mimic.py"
 
 
 def test_parse_arg_types_and_flags():
-    opts = config_lib.parse_arg("runlocal,steps=7,lr=0.5,name=x", runlocal=False, steps=1,
-                                lr=1.0, name="a")
+    opts = config_lib.parse_arg(
+        "runlocal,steps=7,lr=0.5,name=x", runlocal=False, steps=1, lr=1.0, name="a"
+    )
     assert opts.runlocal is True
     assert opts.steps == 7 and isinstance(opts.steps, int)
     assert opts.lr == 0.5 and isinstance(opts.lr, float)
@@ -49,8 +50,14 @@ def test_load_config_missing_file():
 def test_overrides_keep_types_and_nest():
     config = config_lib.config_from_flags(
         TINY,
-        ["total_steps=12", "optim.learning_rate=3e-4", "model.image.pool=mean",
-         "data.synthetic.seed=5", "model.remat=true", "data.data_dir=/tmp/x"],
+        [
+            "total_steps=12",
+            "optim.learning_rate=3e-4",
+            "model.image.pool=mean",
+            "data.synthetic.seed=5",
+            "model.remat=true",
+            "data.data_dir=/tmp/x",
+        ],
     )
     assert config.total_steps == 12 and isinstance(config.total_steps, int)
     assert config.optim.learning_rate == pytest.approx(3e-4)
@@ -87,9 +94,14 @@ def test_parse_flags_collects_overrides():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("global_batch_size=100",
-         r"global_batch_size 100 is not divisible by the 8 devices .* e.g. 96 would fit"),
-        ("model.image.name=resnet", r"model.image.name='resnet' is unknown; choose one of \['vit'\]"),
+        (
+            "global_batch_size=100",
+            r"global_batch_size 100 is not divisible by the 8 devices .* e.g. 96 would fit",
+        ),
+        (
+            "model.image.name=resnet",
+            r"model.image.name='resnet' is unknown; choose one of \['vit'\]",
+        ),
         ("data.image_size=60", r"data.image_size=60 is not divisible by model.image.patch_size=8"),
         ("mesh.fsdp=3", r"mesh=.* the fixed axes use 3 devices, which does not divide the 8"),
         ("loss.impl=carrier_pigeon", r"loss.impl='carrier_pigeon'"),
@@ -100,6 +112,7 @@ def test_parse_flags_collects_overrides():
 def test_bad_config_stops_before_work(override, message, tmp_path, capsys):
     workdir = tmp_path / "w"
     with pytest.raises(SystemExit, match=message):
-        train.main(["--config", TINY + ":runlocal", "--workdir", str(workdir),
-                    f"--config.{override}"])
+        train.main(
+            ["--config", TINY + ":runlocal", "--workdir", str(workdir), f"--config.{override}"]
+        )
     assert not workdir.exists()  # Nothing was built or written.

@@ -142,7 +142,10 @@ def test_vit_b16_mimic_builds_under_eval_shape():
     assert 85.0e6 < image_params < 86.5e6, image_params
     # 12 layers x 768 wide: scanned blocks stack their parameters on a leading axis.
     assert params["image_tower"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"].shape == (
-        12, 768, 3072)
+        12,
+        768,
+        3072,
+    )
     assert count(params["text_tower"]) > 12 * 12 * 512 * 512  # 12 layers of width 512.
     out = jax.eval_shape(model.apply, variables, images, tokens)
     assert out["image_emb"].shape == (2, 512) and out["text_emb"].shape == (2, 512)

@@ -1,0 +1,110 @@
+"""Evaluation entry point: checkpoint -> zero-shot / retrieval / linear-probe report.
+
+  python -m jaxmedclip.evaluate --config experiments/tiny_synthetic.py --workdir /tmp/tiny \
+      [--checkpoint STEP] [--split test] [--config.eval.bootstrap_samples=200 ...]
+
+Restores `<workdir>/checkpoints/<STEP>` (default: the latest) and writes
+`<workdir>/eval/<STEP>/report.json`, ROC curves as PNG beside it, TensorBoard scalars
+under `<workdir>/tensorboard/eval_<split>`, and a summary table on the console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from jaxmedclip import checkpointing, config_lib, evaluation, parallel, train
+from jaxmedclip.evaluation import report as report_lib
+
+log = logging.getLogger("jaxmedclip.evaluate")
+
+
+def parse_flags(argv: Sequence[str]):
+    """(--checkpoint/--split namespace, train-style namespace, --config.* overrides)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxmedclip.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        epilog="--config and --workdir (required), --config.field=value overrides and the "
+        "multi-process flags work as in python -m jaxmedclip.train.",
+    )
+    parser.add_argument(
+        "--checkpoint", type=int, default=None, help="step to evaluate (default: the latest)"
+    )
+    parser.add_argument("--split", default=None, help="split to report on (default: eval.split)")
+    own, rest = parser.parse_known_args(argv)
+    args, overrides = train.parse_flags(rest)
+    return own, args, overrides
+
+
+def restore_params(setup: train.Setup, workdir: str, step: int | None) -> tuple[Any, int]:
+    """The parameters of checkpoint `step` (default: the latest) of `workdir`, sharded."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist; train into --workdir {workdir} first")
+    manager = checkpointing.make_manager(workdir)
+    available = list(manager.all_steps())
+    if not available:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step is not None and step not in available:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {directory}; available: {sorted(available)}"
+        )
+    state, step = checkpointing.restore(manager, setup.abstract_state, setup.shardings, step)
+    manager.close()
+    return state.params, step
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the evaluation; returns the report (also written as report.json)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    own, args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_lib.config_from_flags(args.config, overrides)
+        cfg = evaluation.eval_config(config)
+        parallel.initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id, args.multihost
+        )
+        setup = train.build(config)
+        params, step = restore_params(setup, args.workdir, own.checkpoint)
+    except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    split = own.split or cfg.split
+
+    from input_pipeline import pipeline  # tensorflow is needed from here on only.
+
+    builder, tokenizer = pipeline.prepare(config.data)
+    log.info("evaluating step %d of %s on %r", step, args.workdir, split)
+    result = evaluation.build_report(
+        config,
+        setup.model,
+        params,
+        setup.mesh,
+        builder,
+        tokenizer,
+        split=split,
+        run_linear_probe=cfg.linear_probe,
+        step=step,
+    )
+    if jax.process_index() == 0:
+        directory = report_lib.report_dir(args.workdir, step)
+        path = evaluation.write_outputs(result, directory, roc_curves=cfg.roc_curves)
+        report_lib.write_tensorboard(
+            os.path.join(args.workdir, "tensorboard", f"eval_{split}"),
+            step,
+            report_lib.flat_metrics(result.report),
+        )
+        print(report_lib.summary_table(result.report), flush=True)
+        log.info("wrote %s", path)
+    return result.report
+
+
+if __name__ == "__main__":
+    main()
