@@ -6,7 +6,7 @@ python -m jaxmedclip.train --config experiments/tiny_synthetic.py:runlocal --wor
 
 import ml_collections
 
-from jaxmedclip import config_lib
+from jaxmedclip import config_lib, evaluation
 
 
 def get_config(arg=None):
@@ -78,6 +78,10 @@ def get_config(arg=None):
         )
     )
 
+    config.eval = evaluation.default_config()
+    config.eval.every_steps = 250
+    config.eval.batch_size = 256
+
     if arg.runlocal:
         config.total_steps = 20
         config.global_batch_size = 32
@@ -88,4 +92,7 @@ def get_config(arg=None):
         config.model.image.depth = 2
         config.model.text.depth = 2
         config.optim.warmup_steps = 5
+        config.eval.every_steps = 0
+        config.eval.batch_size = 32
+        config.eval.bootstrap_samples = 100
     return config

@@ -27,7 +27,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from input_pipeline.findings import CHEXPERT_FINDINGS
-from jaxmedclip import checkpointing, config_lib, flops, models, optim, parallel, trainer
+from jaxmedclip import (
+    checkpointing,
+    config_lib,
+    evaluation,
+    flops,
+    models,
+    optim,
+    parallel,
+    trainer,
+)
+from jaxmedclip.evaluation import report as report_lib
 
 log = logging.getLogger("jaxmedclip.train")
 
@@ -69,24 +79,43 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 class MetricsWriter:
-    """Console lines plus one JSON object per logged step in `<workdir>/metrics.jsonl`."""
+    """Console lines, one JSON object per logged step in `<workdir>/metrics.jsonl`, and
+    TensorBoard scalars under `<workdir>/tensorboard/train`. Only process 0 writes."""
+
+    SHOWN = (
+        "loss",
+        "acc_i2t",
+        "scale",
+        "learning_rate",
+        "grad_norm",
+        "samples_per_s",
+        "mfu",
+        "eval/zero_shot_mean_auc",
+        "eval/i2t_recall@10",
+    )
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard = None
+        if self.enabled:
+            self.tensorboard = report_lib.TensorBoardWriter(
+                os.path.join(workdir, "tensorboard", "train")
+            )
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
+        values = {k: float(v) for k, v in sorted(metrics.items())}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        shown = " ".join(
-            f"{k}={record[k]:.4g}"
-            for k in ("loss", "acc_i2t", "scale", "learning_rate", "grad_norm", "samples_per_s")
-            if k in record
-        )
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.tensorboard.write(step, values)
+        shown = " ".join(f"{k}={values[k]:.4g}" for k in self.SHOWN if k in values)
         log.info("step %d %s", step, shown)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -207,6 +236,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
     batches = dataset.skip(start_step).as_numpy_iterator()
 
     writer = MetricsWriter(workdir)
+    eval_cfg = evaluation.eval_config(config)
+    eval_every = eval_cfg.every_steps
+    embedder = evaluation.embed.Embedder(model, mesh, rules) if eval_every else None
+    step_tflops = flops.train_flops_per_step(config) / mesh.size / 1e12
+    peak = flops.peak_tflops(jax.devices()[0].device_kind)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log.info(
         "mesh %s, %d parameters, global batch %d, %d steps",
@@ -244,9 +278,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
                     "samples_per_s": interval_steps * config.global_batch_size / elapsed,
                     "step_time_s": elapsed / interval_steps,
                     "data_wait_s": data_wait / interval_steps,
+                    "tflops_per_device": step_tflops * interval_steps / elapsed,
                 }
+                if peak is not None:
+                    last["mfu"] = last["tflops_per_device"] / peak
                 writer.write(step, last)
                 interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+            if eval_every and (step % eval_every == 0 or step == config.total_steps):
+                for split in eval_cfg.splits:
+                    prefix = "eval/" if len(eval_cfg.splits) == 1 else f"eval_{split}/"
+                    writer.write(
+                        step,
+                        evaluation.evaluate(
+                            config,
+                            model,
+                            state.params,
+                            mesh,
+                            builder,
+                            tokenizer,
+                            split,
+                            workdir,
+                            step=step,
+                            prefix=prefix,
+                            embedder=embedder,
+                        ),
+                    )
             if is_checkpoint:
                 checkpointing.save(manager, step, state)
             if step < config.total_steps and preemption.should_stop(sync=is_log):
@@ -258,6 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
                 checkpointing.save(manager, config.total_steps, state, force=True)
     manager.wait_until_finished()
     manager.close()
+    writer.close()
     return last
 
 

@@ -180,21 +180,38 @@ def write_roc_curves(
     return True
 
 
-def write_tensorboard(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
-    """Appends `scalars` at `step` to TensorBoard event files in `logdir`.
+class TensorBoardWriter:
+    """Scalars to TensorBoard event files in `logdir`, through one open event file.
 
     Written with `tf.summary.write` and the scalar plugin's metadata, which is what
     `tf.summary.scalar` writes, without needing the `tensorboard` package installed.
     """
-    import tensorflow as tf  # Only the entry points need TensorFlow.
-    from tensorflow.core.framework import summary_pb2
 
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-    )
-    writer = tf.summary.create_file_writer(logdir)
-    with writer.as_default():
-        for name, value in scalars.items():
-            tf.summary.write(name, tf.constant(value, tf.float32), step=step, metadata=metadata)
-    writer.flush()
+    def __init__(self, logdir: str):
+        import tensorflow as tf  # Only the entry points need TensorFlow.
+        from tensorflow.core.framework import summary_pb2
+
+        self._tf = tf
+        self._metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+        self._writer = tf.summary.create_file_writer(logdir)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        tf = self._tf
+        with self._writer.as_default():
+            for name, value in scalars.items():
+                tf.summary.write(
+                    name, tf.constant(value, tf.float32), step=step, metadata=self._metadata
+                )
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def write_tensorboard(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
+    """Appends `scalars` at `step` to TensorBoard event files in `logdir` (one-off)."""
+    writer = TensorBoardWriter(logdir)
+    writer.write(step, scalars)
     writer.close()

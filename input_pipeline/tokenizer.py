@@ -1,0 +1,199 @@
+"""SentencePiece tokenization: one definition for training, evaluation and export.
+
+Texts are normalised by `normalize_text` (lowercase, whitespace runs collapsed) before
+training and before every encoding; two reports are "the same text" when their
+normalised forms are equal. Token rows are BOS + pieces + EOS, truncated so that EOS is
+always the last non-pad token, right-padded with 0:
+
+    pad=0, unk=1, bos=2, eos=3
+
+The Python side never imports TensorFlow; `Tokenizer.tf_encode` and `ensure_tokenizer`
+import it when called.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import sentencepiece as spm
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("unigram", "bpe", "char", "word")
+
+
+def normalize_text(text: str | bytes) -> str:
+    """Lowercased text with whitespace runs collapsed to single spaces, stripped."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    return " ".join(text.lower().split())
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int,
+                        model_type: str = "unigram") -> str:
+    """Trains a SentencePiece model on normalised `texts`; returns the .model path.
+
+    Deterministic for the same texts. `vocab_size` is an upper bound: a small corpus
+    yields a smaller vocabulary instead of an error.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"tokenizer model_type {model_type!r}; expected one of {MODEL_TYPES}")
+    spm.set_random_generator_seed(0)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(t for t in map(normalize_text, texts) if t),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        hard_vocab_limit=False,
+        character_coverage=1.0,  # Every character of the corpus gets a piece.
+        normalization_rule_name="identity",  # normalize_text is the only normaliser.
+        num_threads=1,  # Multithreaded training is not bit-reproducible.
+        minloglevel=2,
+    )
+    return model_prefix + ".model"
+
+
+class Tokenizer:
+    """A SentencePiece model with fixed special ids and a fixed output length."""
+
+    def __init__(self, model_path: str, max_len: int):
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len}: a row needs at least BOS and EOS")
+        self.model_path = model_path
+        self.max_len = max_len
+        self._processor = spm.SentencePieceProcessor(model_proto=_read_bytes(model_path))
+        ids = (self._processor.pad_id(), self._processor.unk_id(), self._processor.bos_id(),
+               self._processor.eos_id())
+        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise ValueError(f"{model_path} has special ids (pad, unk, bos, eos) = {ids}; "
+                             f"expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}: retrain it with "
+                             "train_sentencepiece")
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return self._processor.get_piece_size()
+
+    def encode_batch(self, texts: Sequence[str | bytes]) -> np.ndarray:
+        """int32 [N, max_len]: BOS + pieces + EOS, truncated keeping EOS, 0-padded."""
+        pieces = self._processor.encode([normalize_text(t) for t in texts], out_type=int)
+        tokens = np.zeros((len(pieces), self.max_len), dtype=np.int32)
+        for row, ids in zip(tokens, pieces, strict=True):
+            ids = [BOS_ID, *ids[: self.max_len - 2], EOS_ID]
+            row[: len(ids)] = ids
+        return tokens
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of one row: BOS and padding dropped, stops at the first EOS."""
+        pieces = []
+        for i in np.asarray(ids).tolist():
+            if i == EOS_ID:
+                break
+            if i not in (BOS_ID, PAD_ID):
+                pieces.append(i)
+        return self._processor.decode(pieces)
+
+    def tf_encode(self, texts: tf.Tensor) -> tf.Tensor:
+        """`encode_batch` inside a TensorFlow graph: string [N] -> int32 [N, max_len].
+
+        A `tf.numpy_function` around the Python processor (tensorflow-text is not a
+        dependency); swapping it for an in-graph op only changes this method.
+        """
+        tf = tensorflow_on_host()
+        texts = tf.convert_to_tensor(texts, dtype=tf.string)
+        texts.shape.assert_has_rank(1)
+        tokens = tf.numpy_function(lambda batch: self.encode_batch(batch.tolist()), [texts],
+                                   tf.int32, stateful=False, name="sentencepiece_encode")
+        tokens.set_shape([texts.shape[0], self.max_len])
+        return tokens
+
+
+def tensorflow_on_host():
+    """Imports TensorFlow with its GPUs hidden: tf.data and tokenization run on the host,
+    and accelerator memory belongs to JAX. (Too late once TensorFlow has used a GPU.)"""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices.
+        pass
+    return tf
+
+
+def tokenizer_path(data_config, builder) -> str:
+    """Where the tokenizer of `data_config` lives: beside the dataset's records."""
+    name = f"spm_{data_config.tokenizer_type}_{data_config.vocab_size}.model"
+    return os.path.join(os.fspath(builder.data_dir), "tokenizer", name)
+
+
+def ensure_tokenizer(data_config, builder) -> Tokenizer:
+    """The tokenizer of `data_config`, trained on the train split's reports if absent."""
+    from etils import epath  # Ships with TFDS; handles local and gs:// data dirs alike.
+
+    path = tokenizer_path(data_config, builder)
+    if not epath.Path(path).exists():
+        texts = _train_reports(builder)
+        with tempfile.TemporaryDirectory() as scratch:
+            model = train_sentencepiece(texts, os.path.join(scratch, "spm"),
+                                        data_config.vocab_size, data_config.tokenizer_type)
+            vocab = model[: -len(".model")] + ".vocab"
+            _publish(vocab, path[: -len(".model")] + ".vocab")
+            _publish(model, path)  # Last: its presence means the tokenizer is complete.
+    return Tokenizer(path, data_config.max_text_len)
+
+
+def _train_reports(builder) -> Iterable[str]:
+    """Each training study's full report, once per study (records are per image)."""
+    import tensorflow_datasets as tfds
+
+    dataset = builder.as_dataset(split="train", shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+    seen = set()
+    for example in dataset.as_numpy_iterator():
+        if example["study_id"] not in seen:
+            seen.add(example["study_id"])
+            yield example["report"].decode("utf-8")
+
+
+def _read_bytes(path: str) -> bytes:
+    if "://" in path:  # e.g. gs://: go through etils, which ships with TFDS.
+        from etils import epath
+
+        return epath.Path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _publish(local_file: str, path: str) -> None:
+    """Copies to a temporary name beside `path`, then renames, so readers never see a
+    half-written file."""
+    from etils import epath
+
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
+    partial.write_bytes(epath.Path(local_file).read_bytes())
+    partial.replace(target)

@@ -1,0 +1,111 @@
+"""SentencePiece training, encoding, decoding and the TensorFlow wrapper."""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from input_pipeline import synthetic_cxr, tokenizer
+from input_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, normalize_text
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return [synthetic_cxr.generate_study(0, "train", i, source_image_size=16).report
+            for i in range(300)]
+
+
+@pytest.fixture(scope="module")
+def model_path(reports, tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("spm") / "spm")
+    return tokenizer.train_sentencepiece(reports, prefix, vocab_size=300)
+
+
+def test_normalize_text():
+    assert normalize_text("  The HEART\n is\tNormal.  ") == "the heart is normal."
+    assert normalize_text(b"No  Effusion") == "no effusion"
+    assert normalize_text(normalize_text("A  b")) == "a b"
+
+
+def test_special_ids_and_vocab(model_path):
+    tok = Tokenizer(model_path, max_len=32)
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert 50 < tok.vocab_size <= 300
+
+
+def test_round_trip_is_the_normalised_text(model_path, reports):
+    tok = Tokenizer(model_path, max_len=512)
+    tokens = tok.encode_batch(reports[:50])
+    for row, report in zip(tokens, reports[:50], strict=True):
+        assert tok.decode(row) == normalize_text(report)
+        assert tok.unk_id not in row
+
+
+def test_rows_are_bos_pieces_eos_then_padding(model_path, reports):
+    long_enough = Tokenizer(model_path, max_len=512).encode_batch(reports[:20])
+    tok = Tokenizer(model_path, max_len=24)
+    tokens = tok.encode_batch(reports[:20] + ["", "Cardiomegaly."])
+    assert tokens.dtype == np.int32 and tokens.shape == (22, 24)
+    for i, row in enumerate(tokens):
+        length = int(np.count_nonzero(row))
+        assert row[0] == BOS_ID and row[length - 1] == EOS_ID
+        assert np.all(row[length:] == PAD_ID) and EOS_ID not in row[1:length - 1]
+        if i < 20:  # Truncated reports keep their first pieces, then EOS.
+            full_length = int(np.count_nonzero(long_enough[i]))
+            assert full_length > 24 and length == 24
+            np.testing.assert_array_equal(row[:23], long_enough[i][:23])
+    np.testing.assert_array_equal(tokens[20][:3], [BOS_ID, EOS_ID, PAD_ID])
+
+
+def test_tf_encode_equals_encode_batch(model_path, reports):
+    import tensorflow as tf
+
+    tok = Tokenizer(model_path, max_len=40)
+    texts = reports[:7] + ["Possible small LEFT effusion."]
+    expected = tok.encode_batch(texts)
+    tokens = tok.tf_encode(tf.constant(texts))
+    assert tokens.dtype == tf.int32 and tokens.shape.as_list() == [8, 40]
+    np.testing.assert_array_equal(tokens.numpy(), expected)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def in_graph(batch):
+        return tok.tf_encode(batch)
+
+    assert in_graph.get_concrete_function().output_shapes.as_list() == [None, 40]
+    np.testing.assert_array_equal(in_graph(tf.constant(texts)).numpy(), expected)
+
+
+def test_training_is_deterministic(reports, model_path, tmp_path):
+    again = tokenizer.train_sentencepiece(reports, str(tmp_path / "again"), vocab_size=300)
+    pieces = []
+    for path in (model_path, again):
+        processor = spm.SentencePieceProcessor(model_file=path)
+        pieces.append([(processor.id_to_piece(i), processor.get_score(i))
+                       for i in range(processor.get_piece_size())])
+    assert pieces[0] == pieces[1]
+
+
+def test_small_corpus_gives_a_smaller_vocabulary(tmp_path):
+    path = tokenizer.train_sentencepiece(["no acute process."] * 20, str(tmp_path / "tiny"),
+                                         vocab_size=1000, model_type="bpe")
+    assert 4 < Tokenizer(path, max_len=8).vocab_size < 1000
+
+
+def test_rejects_models_with_other_special_ids(reports, tmp_path):
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(reports), model_prefix=str(
+        tmp_path / "default_ids"), vocab_size=100, hard_vocab_limit=False, minloglevel=2)
+    with pytest.raises(ValueError, match="special ids"):
+        Tokenizer(str(tmp_path / "default_ids.model"), max_len=8)
+    with pytest.raises(ValueError, match="max_len"):
+        Tokenizer(str(tmp_path / "default_ids.model"), max_len=1)
+
+
+def test_light_modules_do_not_import_tensorflow():
+    code = ("import sys; import input_pipeline.tokenizer, input_pipeline.findings, "
+            "input_pipeline.synthetic_cxr; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)
