@@ -14,6 +14,8 @@ CORE = [
     # Needed only by input_pipeline/ (the models, losses and train step import without it).
     "tensorflow-cpu>=2.18,<2.22",
     "tensorflow-datasets>=4.9.7,<5",
+    # tensorflow-datasets 4.9.10 imports it without declaring it (tensorflow/datasets#11212).
+    "importlib_resources>=5",
     "sentencepiece>=0.2.0,<0.3",
     "pillow>=10,<14",
     # Evaluation metrics (AUC, bootstrap CIs, linear probes) and ROC plots.

@@ -251,70 +251,78 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
     )
     last: dict[str, float] = {}
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-    with PreemptionWatch() as preemption:
-        for step in range(start_step + 1, config.total_steps + 1):
-            t0 = time.perf_counter()
-            batch = parallel.host_to_global(next(batches), mesh)
-            data_wait += time.perf_counter() - t0
-            state, metrics = train_step(state, batch)
-            interval_steps += 1
-            is_log = step % config.log_every == 0 or step in (start_step + 1, config.total_steps)
-            is_checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-            if is_log or is_checkpoint:
-                # Never log or save a state that came from a non-finite step: the last good
-                # checkpoint stays the latest one.
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-                if bad:
-                    raise FloatingPointError(
-                        f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}); "
-                        f"stopping. The last good checkpoint in {manager.directory} is step "
-                        f"{manager.latest_step()}"
-                    )
-            if is_log:
-                elapsed = time.perf_counter() - interval_start
-                last = {
-                    **metrics,
-                    "samples_per_s": interval_steps * config.global_batch_size / elapsed,
-                    "step_time_s": elapsed / interval_steps,
-                    "data_wait_s": data_wait / interval_steps,
-                    "tflops_per_device": step_tflops * interval_steps / elapsed,
-                }
-                if peak is not None:
-                    last["mfu"] = last["tflops_per_device"] / peak
-                writer.write(step, last)
-                interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-            if eval_every and (step % eval_every == 0 or step == config.total_steps):
-                for split in eval_cfg.splits:
-                    prefix = "eval/" if len(eval_cfg.splits) == 1 else f"eval_{split}/"
-                    writer.write(
-                        step,
-                        evaluation.evaluate(
-                            config,
-                            model,
-                            state.params,
-                            mesh,
-                            builder,
-                            tokenizer,
-                            split,
-                            workdir,
-                            step=step,
-                            prefix=prefix,
-                            embedder=embedder,
-                        ),
-                    )
-            if is_checkpoint:
-                checkpointing.save(manager, step, state)
-            if step < config.total_steps and preemption.should_stop(sync=is_log):
-                log.info("preempted: saving step %d and exiting", step)
-                checkpointing.save(manager, step, state, force=True)
-                break
-        else:
-            if config.total_steps > start_step and manager.latest_step() != config.total_steps:
-                checkpointing.save(manager, config.total_steps, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    try:
+        with PreemptionWatch() as preemption:
+            for step in range(start_step + 1, config.total_steps + 1):
+                t0 = time.perf_counter()
+                batch = parallel.host_to_global(next(batches), mesh)
+                data_wait += time.perf_counter() - t0
+                state, metrics = train_step(state, batch)
+                interval_steps += 1
+                is_log = step % config.log_every == 0 or step in (
+                    start_step + 1,
+                    config.total_steps,
+                )
+                is_checkpoint = (
+                    bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                )
+                if is_log or is_checkpoint:
+                    # Never log or save a state that came from a non-finite step: the last good
+                    # checkpoint stays the latest one.
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+                    if bad:
+                        raise FloatingPointError(
+                            f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}); "
+                            f"stopping. The last good checkpoint in {manager.directory} is step "
+                            f"{manager.latest_step()}"
+                        )
+                if is_log:
+                    elapsed = time.perf_counter() - interval_start
+                    last = {
+                        **metrics,
+                        "samples_per_s": interval_steps * config.global_batch_size / elapsed,
+                        "step_time_s": elapsed / interval_steps,
+                        "data_wait_s": data_wait / interval_steps,
+                        "tflops_per_device": step_tflops * interval_steps / elapsed,
+                    }
+                    if peak is not None:
+                        last["mfu"] = last["tflops_per_device"] / peak
+                    writer.write(step, last)
+                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+                if eval_every and (step % eval_every == 0 or step == config.total_steps):
+                    for split in eval_cfg.splits:
+                        prefix = "eval/" if len(eval_cfg.splits) == 1 else f"eval_{split}/"
+                        writer.write(
+                            step,
+                            evaluation.evaluate(
+                                config,
+                                model,
+                                state.params,
+                                mesh,
+                                builder,
+                                tokenizer,
+                                split,
+                                workdir,
+                                step=step,
+                                prefix=prefix,
+                                embedder=embedder,
+                            ),
+                        )
+                if is_checkpoint:
+                    checkpointing.save(manager, step, state)
+                if step < config.total_steps and preemption.should_stop(sync=is_log):
+                    log.info("preempted: saving step %d and exiting", step)
+                    checkpointing.save(manager, step, state, force=True)
+                    break
+            else:
+                if config.total_steps > start_step and manager.latest_step() != config.total_steps:
+                    checkpointing.save(manager, config.total_steps, state, force=True)
+    finally:
+        # Pending asynchronous saves complete even when the loop stops on an error.
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
     return last
 
 

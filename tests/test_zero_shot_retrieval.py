@@ -163,15 +163,15 @@ def test_text_groups_accept_texts_and_ids():
 def test_prompt_sets_expand_templates_and_phrases():
     effusion = prompts.prompt_set("Pleural Effusion")
     assert effusion.positive == (
-        "pleural effusion",
-        "there is pleural effusion",
-        "findings consistent with pleural effusion",
+        "pleural effusion.",
+        "there is pleural effusion.",
+        "findings consistent with pleural effusion.",
     )
-    assert effusion.negative == ("no pleural effusion", "no evidence of pleural effusion")
-    assert "enlarged heart" in prompts.prompt_set("Cardiomegaly").positive
-    assert "no lines and tubes" in prompts.prompt_set("Support Devices").negative
+    assert effusion.negative == ("no pleural effusion.", "no evidence of pleural effusion.")
+    assert "enlarged heart." in prompts.prompt_set("Cardiomegaly").positive
+    assert "no lines and tubes." in prompts.prompt_set("Support Devices").negative
     normal = prompts.prompt_set("No Finding")
-    assert "no acute cardiopulmonary process" in normal.positive
+    assert "no acute cardiopulmonary process." in normal.positive
     assert not any(p.startswith("no no") for p in normal.negative)
 
 

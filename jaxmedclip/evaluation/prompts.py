@@ -13,8 +13,10 @@ from typing import NamedTuple
 
 import ml_collections
 
-POSITIVE_TEMPLATES = ("{finding}", "there is {finding}", "findings consistent with {finding}")
-NEGATIVE_TEMPLATES = ("no {finding}", "no evidence of {finding}")
+# Sentences end with a period, as every sentence of a report does (a prompt without one is
+# out of the training distribution).
+POSITIVE_TEMPLATES = ("{finding}.", "there is {finding}.", "findings consistent with {finding}.")
+NEGATIVE_TEMPLATES = ("no {finding}.", "no evidence of {finding}.")
 
 # Phrases for all CheXpert findings; the first one is the plain name.
 FINDING_PHRASES: dict[str, tuple[str, ...]] = {
@@ -36,8 +38,8 @@ FINDING_PHRASES: dict[str, tuple[str, ...]] = {
 # "No Finding" does not fit "no {finding}": its prompts are written out.
 FULL_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "No Finding": (
-        ("no acute cardiopulmonary process", "the lungs are clear", "normal chest radiograph"),
-        ("acute cardiopulmonary process", "abnormal chest radiograph"),
+        ("no acute cardiopulmonary process.", "the lungs are clear.", "normal chest radiograph."),
+        ("acute cardiopulmonary process.", "abnormal chest radiograph."),
     ),
 }
 
