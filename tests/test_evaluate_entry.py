@@ -19,8 +19,10 @@ TINY = {
     "model.embed_dim": 16,
     "model.image.width": 32,
     "model.image.depth": 1,
+    "model.image.num_heads": 2,
     "model.text.width": 32,
     "model.text.depth": 1,
+    "model.text.num_heads": 2,
 }
 
 
@@ -33,6 +35,7 @@ def _tiny_config(**overrides):
 
 def test_eval_config_defaults_and_errors():
     config = _tiny_config()
+    del config.eval
     cfg = evaluation.eval_config(config)  # No `eval` section: all defaults.
     assert cfg.bootstrap_samples == 1000 and tuple(cfg.probe_fractions) == (0.01, 0.1, 1.0)
     config.eval = {"bootstrap_samples": 10, "prompts": {"phrases": {"fracture": ("rib fx",)}}}
