@@ -182,7 +182,7 @@ def test_prompt_config_overrides():
     out = prompts.prompt_set("Edema", cfg)
     assert out.positive == ("edema is seen", "vascular congestion is seen")
     assert prompts.prompt_set("Lung Lesion", ml_collections.ConfigDict()).positive[0] == (
-        "lung lesion"
+        "lung lesion."
     )
     cfg.negative_templates = ("no {disease}",)
     with pytest.raises(ValueError, match="finding"):
