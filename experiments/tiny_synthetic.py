@@ -20,6 +20,8 @@ def get_config(arg=None):
     config.log_every = 10
     config.checkpoint_every = 0  # 0: only at the end.
 
+    # GradCache: embed the global batch in micro-batches of this size (None: all at once).
+    config.microbatch_size = None
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     config.data = ml_collections.ConfigDict()

@@ -18,6 +18,8 @@ def get_config(arg=None):
     config.log_every = 50
     config.checkpoint_every = 1000
 
+    # GradCache: embed the global batch in micro-batches of this size (None: all at once).
+    config.microbatch_size = None
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     config.data = ml_collections.ConfigDict()

@@ -143,9 +143,20 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     parallel.check_batch_size(config.global_batch_size, mesh)
     rules = parallel.logical_rules(config)
     model = models.build_model(config.model, config.data)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    tx, schedule = optim.make_optimizer(
+        config.optim, config.total_steps, global_batch_size=config.global_batch_size
+    )
     abstract_state, shardings = trainer.state_shardings(model, tx, config.data, mesh, rules)
-    train_step = trainer.make_train_step(model, tx, schedule, config.loss, mesh, rules, shardings)
+    train_step = trainer.make_train_step(
+        model,
+        tx,
+        schedule,
+        config.loss,
+        mesh,
+        rules,
+        shardings,
+        microbatch_size=config.get("microbatch_size"),
+    )
     # Tracing the step on abstract inputs checks the loss settings and every shape.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         jax.eval_shape(train_step.jitted, abstract_state, abstract_batch(config))
