@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmedclip.models.text import VARIANTS, TextTransformer
+from jaxmedclip.models.text import LAYOUTS, VARIANTS, TextTransformer
+from jaxmedclip.models.text import POOLS as TEXT_POOLS
 from jaxmedclip.models.two_tower import TwoTower, l2_normalize
 from jaxmedclip.models.vit import POOLS, ViT
 
@@ -44,6 +45,18 @@ def build_model(
     _choice("model.text.name", text_cfg.name, TEXT_TOWERS)
     _choice("model.image.pool", image_cfg.pool, POOLS)
     _choice("model.text.variant", text_cfg.variant, VARIANTS)
+    # Options added after the first configs: absent means today's behaviour.
+    text_pool = text_cfg.get("pool", None)
+    if text_pool is not None:
+        _choice("model.text.pool", text_pool, TEXT_POOLS)
+    text_layout = text_cfg.get("layout", "pre_ln")
+    _choice("model.text.layout", text_layout, LAYOUTS)
+    image_projection = bool(model_config.get("image_projection", True))
+    if not image_projection and image_cfg.width != model_config.embed_dim:
+        raise ValueError(
+            f"model.image_projection=False needs model.image.width ({image_cfg.width}) == "
+            f"model.embed_dim ({model_config.embed_dim})"
+        )
     dtype = _dtype("model.dtype", model_config.dtype)
     param_dtype = _dtype("model.param_dtype", model_config.param_dtype)
     size, patch = data_config.image_size, image_cfg.patch_size
@@ -73,6 +86,7 @@ def build_model(
         mlp_ratio=image_cfg.mlp_ratio,
         pool=image_cfg.pool,
         num_channels=image_cfg.num_channels,
+        pre_norm=bool(image_cfg.get("pre_norm", False)),
         **common,
     )
     text_tower = TEXT_TOWERS[text_cfg.name](
@@ -85,6 +99,8 @@ def build_model(
         variant=text_cfg.variant,
         pad_id=PAD_ID,
         eos_id=EOS_ID,
+        pool=text_pool,
+        layout=text_layout,
         **common,
     )
     return MODELS[model_config.name](
@@ -94,6 +110,7 @@ def build_model(
         temperature_init=model_config.temperature_init,
         max_scale=model_config.max_scale,
         bias_init=model_config.bias_init,
+        image_projection=image_projection,
         dtype=dtype,
         param_dtype=param_dtype,
     )

@@ -116,27 +116,41 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block. Returns (x, None) so that it can be scanned."""
+    """Pre-LayerNorm transformer block (or post-LayerNorm, BERT's layout, with `post_norm`).
+
+    Returns (x, None) so that it can be scanned.
+    """
 
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    post_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
         x = nn.with_logical_constraint(
             x, ("activation_batch", "activation_seq", "activation_embed")
         )
-        y = layer_norm(self.dtype, self.param_dtype, "norm1")(x)
-        x = x + Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")(y, y, mask)
-        y = layer_norm(self.dtype, self.param_dtype, "norm2")(x)
-        x = x + Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+        attn = Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")
+        mlp = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")
+        norm1 = layer_norm(self.dtype, self.param_dtype, "norm1")
+        norm2 = layer_norm(self.dtype, self.param_dtype, "norm2")
+        if self.post_norm:
+            x = norm1(x + attn(x, x, mask))
+            return norm2(x + mlp(x)), None
+        y = norm1(x)
+        x = x + attn(y, y, mask)
+        x = x + mlp(norm2(x))
         return x, None
 
 
 class Encoder(nn.Module):
-    """A stack of `depth` blocks, optionally rematerialised and/or scanned over layers."""
+    """A stack of `depth` blocks, optionally rematerialised and/or scanned over layers.
+
+    Pre-LayerNorm blocks end with a final LayerNorm; post-LayerNorm ones (`post_norm`,
+    BERT's layout) need none.
+    """
 
     depth: int
     num_heads: int
@@ -145,6 +159,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    post_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -156,6 +171,7 @@ class Encoder(nn.Module):
             mlp_dim=self.mlp_dim,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            post_norm=self.post_norm,
         )
         if self.scan_layers:
             stack = nn.scan(
@@ -170,4 +186,6 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block(**kwargs, name=f"block_{i}")(x, mask)
+        if self.post_norm:
+            return x
         return layer_norm(self.dtype, self.param_dtype, "final_norm")(x)

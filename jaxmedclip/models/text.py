@@ -6,9 +6,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmedclip.models.layers import Dtype, Encoder, embed_init, logical
+from jaxmedclip.models.layers import Dtype, Encoder, dense_init, embed_init, layer_norm, logical
 
 VARIANTS = ("causal", "bidirectional")
+# Where the pooled vector is read; None: the variant's default (causal: eos, else first).
+POOLS = ("eos", "first", "last")
+LAYOUTS = ("pre_ln", "bert")
 
 
 class TextTransformer(nn.Module):
@@ -16,6 +19,10 @@ class TextTransformer(nn.Module):
 
     `causal`: each token attends to earlier tokens; pooled at the (first) end-of-text token.
     `bidirectional`: tokens attend to all non-pad tokens; pooled at the first token (BOS).
+    `pool` overrides where the vector is read: `eos` (first end-of-text token), `first`, or
+    `last` (the last position, a pad token in padded rows; SigLIP's text pooling).
+    `layout="bert"` is BERT's: LayerNorm after the embeddings, post-LayerNorm blocks, and
+    the pooled vector through dense + tanh (BERT's pooler); default `pre_ln`.
     Returns `(pooled [batch, width], token_features [batch, length, width])`.
     """
 
@@ -32,6 +39,8 @@ class TextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    pool: str | None = None
+    layout: str = "pre_ln"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -57,6 +66,9 @@ class TextTransformer(nn.Module):
             self.param_dtype,
         )
         x = embed(tokens) + pos[None, :length].astype(self.dtype)
+        bert = self.layout == "bert"
+        if bert:
+            x = layer_norm(self.dtype, self.param_dtype, "embed_norm")(x)
         valid = tokens != self.pad_id
         mask = valid[:, None, None, :]
         if self.variant == "causal":
@@ -69,11 +81,27 @@ class TextTransformer(nn.Module):
             self.param_dtype,
             self.remat,
             self.scan_layers,
+            post_norm=bert,
             name="encoder",
         )(x, mask)
-        if self.variant == "causal":
+        pool = self.pool or ("eos" if self.variant == "causal" else "first")
+        if pool == "eos":
             index = jnp.argmax(tokens == self.eos_id, axis=1)
             pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
-        else:
+        elif pool == "first":
             pooled = x[:, 0]
+        elif pool == "last":
+            pooled = x[:, -1]
+        else:
+            raise ValueError(f"model.text.pool={self.pool!r} is unknown; choose one of {POOLS}")
+        if bert:
+            pooled = nn.Dense(
+                self.width,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=logical(dense_init, ("embed", "mlp")),
+                bias_init=logical(nn.initializers.zeros, ("mlp",)),
+                name="pooler",
+            )(pooled)
+            pooled = jnp.tanh(pooled)
         return pooled, x

@@ -22,7 +22,8 @@ class TwoTower(nn.Module):
 
     The temperature is learned as `log_scale` (initialised at log(temperature_init)); the
     scale used by the loss is `exp(log_scale)` clamped at `max_scale`. `bias` (initialised
-    at `bias_init`) is used by the sigmoid loss.
+    at `bias_init`) is used by the sigmoid loss. Without `image_projection` the image
+    tower's pooled vector is the embedding (SigLIP's layout; its width must be `embed_dim`).
     """
 
     image_tower: nn.Module
@@ -33,15 +34,18 @@ class TwoTower(nn.Module):
     bias_init: float = -10.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    image_projection: bool = True
 
     def setup(self):
-        self.image_proj = nn.Dense(
-            self.embed_dim,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=logical(dense_init, ("embed", "proj")),
-        )
+        self.image_proj = None
+        if self.image_projection:
+            self.image_proj = nn.Dense(
+                self.embed_dim,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=logical(dense_init, ("embed", "proj")),
+            )
         self.text_proj = nn.Dense(
             self.embed_dim,
             use_bias=False,
@@ -61,7 +65,8 @@ class TwoTower(nn.Module):
 
     def encode_image(self, images: jax.Array, *, return_tokens: bool = False) -> Any:
         pooled, tokens = self.image_tower(images)
-        emb = l2_normalize(self.image_proj(pooled))
+        emb = pooled if self.image_proj is None else self.image_proj(pooled)
+        emb = l2_normalize(emb)
         return (emb, tokens) if return_tokens else emb
 
     def encode_text(self, tokens: jax.Array, *, return_tokens: bool = False) -> Any:

@@ -35,6 +35,8 @@ class AttentionPool(nn.Module):
 class ViT(nn.Module):
     """Patchify -> (class token) -> learned positions -> transformer -> pooled vector.
 
+    `pre_norm` adds a LayerNorm between the embeddings and the first block (CLIP's
+    `pre_layrnorm`; needed to export as a Hugging Face CLIP vision tower).
     Returns `(pooled [batch, width], patch_tokens [batch, num_patches, width])`.
     """
 
@@ -49,6 +51,7 @@ class ViT(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    pre_norm: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -89,6 +92,8 @@ class ViT(nn.Module):
             self.param_dtype,
         )
         x = x + pos.astype(self.dtype)
+        if self.pre_norm:
+            x = layer_norm(self.dtype, self.param_dtype, "pre_norm")(x)
         x = Encoder(
             self.depth,
             self.num_heads,
