@@ -18,12 +18,21 @@ CORE = [
     "importlib_resources>=5",
     "sentencepiece>=0.2.0,<0.3",
     "pillow>=10,<14",
+    # DICOM reading in input_pipeline/images.py (pydicom 3 pixel API: apply_voi, ...).
+    "pydicom>=3.0,<4",
     # Evaluation metrics (AUC, bootstrap CIs, linear probes) and ROC plots.
     "scikit-learn>=1.3,<2",
     "matplotlib>=3.7,<4",
 ]
 
 EXTRAS = {
+    # Decoders for compressed DICOM that Pillow lacks (JPEG-LS, JPEG lossless, faster
+    # JPEG 2000); pydicom finds them when installed.
+    "dicom-codecs": [
+        "pylibjpeg>=2.0,<3",
+        "pylibjpeg-libjpeg>=2.1,<3",
+        "pylibjpeg-openjpeg>=2.0,<3",
+    ],
     "test": [
         "pytest>=8,<10",
         "ruff>=0.6,<1",
