@@ -1,36 +1,59 @@
-"""tf.data input pipeline: per-process reading, preprocessing, tokenization, batching.
+"""tf.data input pipeline: records read by index, preprocessing, tokenization, batching.
 
     builder, tokenizer = prepare(config.data)
     dataset = make_dataset(config.data, builder, tokenizer, "train",
                            global_batch_size=config.global_batch_size, train=True,
-                           seed=config.seed)
+                           seed=config.seed, start_step=step)
 
-Each process reads its own slice of the split (`tfds.split_for_jax_process`) and yields
-host-local batches of `global_batch_size // process_count` examples, as dicts:
+Order. Records are read by index (ArrayRecord, `builder.as_data_source`). With N records
+and global batch B, global batch k holds the positions [k*B, (k+1)*B) of a stream, and
+process p of P takes its contiguous `b = B / P` of them, [k*B + p*b, k*B + (p+1)*b).
+train=True: the stream is the epochs one after another, position t being record
+`shuffle(t mod N)` of epoch `t // N` (a keyed permutation of the (seed, epoch)), so the
+batches are a function of (seed, step) only: `start_step=k` starts at batch k at once,
+exactly where an uninterrupted run would be, and P processes read exactly the rows one
+process would. train=False: one pass in record order; positions past the end are padding
+rows, and every process yields the same number of batches (multi-host evaluation steps
+stay in lockstep). Augmentation and sentence choice draw from (seed, position) too.
+
+Batches are host-local dicts of `b` rows:
 
   image           float32 [b, H, W, 1]  resized with aspect ratio kept (zero padding),
-                                        scaled to [0, 1], then (x - image_mean) / image_std
+                                        scaled to [0, 1], augmented (train=True,
+                                        `data.augment`, augment.py), then
+                                        (x - image_mean) / image_std
   tokens          int32 [b, max_text_len]  BOS + pieces + EOS, 0-padded (tokenizer.py)
   study_id        int32 [b]  non-negative hash of the study id: views of a study match
   text_id         int32 [b]  non-negative hash of the normalised text: equal texts match
   labels          float32 [b, 14]  CheXpert order (findings.py): 1 / 0 / -1; blank -> 0
   labels_present  bool [b, 14]  False where the label is blank (not mentioned)
-  mask            bool [b]  False for padding rows
+  mask            bool [b]  False for padding rows and skipped examples
+  num_skipped     int32 [b]  1 where a bad example was skipped (its row is masked out);
+                             the batch's sum is its count of skipped examples
   text            bytes [b]  the normalised text (only when train=False)
   view            bytes [b]  "PA" / "AP" / "LATERAL" (only when train=False)
 
-The text is `data_config.text`: "report" (findings and impression, without the section
-headers, joined by a space), "findings" or "impression".
+Rows with mask=False are all zeros (texts empty).
 
-train=True: files and examples shuffled from `seed` (a new, seed-determined order each
-epoch), repeated forever, partial batches dropped. train=False: one pass in file order;
-padding rows (mask=False, all zeros) complete the last batch, and every process yields
-the same number of batches, so multi-host evaluation steps stay in lockstep.
+Text (`data.text`): "report" or "both" (findings and impression, joined by a space),
+"findings", "impression", or "sentences" (train=True: a random subset of the report's
+sentences in random order: `data.num_sentences` of them, else `data.sentence_fraction`
+of them rounded up, else a number drawn uniformly from 1..all; train=False reads the
+report). When the chosen section is empty, the other one is used (e.g. impression-only
+reports under "findings").
+
+Bad data. An example whose image is not an intact PNG (signature, chunk CRCs, IHDR,
+IDAT, IEND), or, in training, whose text is empty (also `has_report` False), is skipped:
+its row keeps its place with mask=False, so the order of every other example is
+unchanged, and `num_skipped` counts it. Once a process has read `min(1000, its share of
+the split)` examples, more than `data.max_bad_fraction` (default 0.05) of them skipped
+stops the iteration with an error naming the counts.
 """
 
 from __future__ import annotations
 
-import functools
+import struct
+import zlib
 from collections.abc import Callable
 
 import ml_collections
@@ -39,17 +62,24 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import synthetic_builder
-from input_pipeline.tokenizer import (
-    Tokenizer,
-    ensure_tokenizer,
-    normalize_text,
-    tensorflow_on_host,
-)
+from input_pipeline.augment import AugmentConfig, augment_images, uniform
+from input_pipeline.findings import NUM_FINDINGS
+from input_pipeline.tokenizer import Tokenizer, ensure_tokenizer, tensorflow_on_host
 
-TEXT_SOURCES = ("report", "findings", "impression")
+TEXT_SOURCES = ("report", "both", "findings", "impression", "sentences")
 HASH_BUCKETS = 2**31 - 1  # Hashes fit a non-negative int32.
+DEFAULT_MAX_BAD_FRACTION = 0.05
+BAD_FRACTION_MIN_EXAMPLES = 1000
+# Salts of the random streams drawn from the seed (augment.py has its own).
+SALT_ORDER = 1
+SALT_SENTENCES = 2
+SALT_SENTENCE_COUNT = 3
+REQUIRED_FEATURES = ("image", "view", "study_id", "findings", "impression", "labels")
+_SENTENCE_END = r"([.!?])\s+"
+_SENTENCE_BREAK = "\x1e"  # ASCII record separator: never in a report.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# data.name -> function(data_config) -> prepared TFDS builder.
+# data.name -> function(data_config) -> prepared TFDS builder (ArrayRecord records).
 DATASET_BUILDERS: dict[str, Callable] = {"synthetic_cxr": synthetic_builder.build}
 
 
@@ -67,50 +97,76 @@ def prepare(data_config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBu
     return builder, ensure_tokenizer(data_config, builder)
 
 
-def image_preprocess(encoded_png: tf.Tensor, data_config: ml_collections.ConfigDict
-                     ) -> tf.Tensor:
-    """PNG bytes (8- or 16-bit grayscale) -> normalised float32 [S, S, 1]."""
+def decode_and_resize(encoded_png: tf.Tensor, size: int) -> tf.Tensor:
+    """PNG bytes (8- or 16-bit grayscale) -> float32 [size, size, 1] in [0, 1], aspect
+    ratio kept (zero padding)."""
     image = tf.io.decode_png(encoded_png, channels=1, dtype=tf.uint16)
     image = tf.image.convert_image_dtype(image, tf.float32)  # [0, 1] for both bit depths.
-    size = data_config.image_size
-    image = tf.image.resize_with_pad(image, size, size, method="bilinear", antialias=True)
+    return tf.image.resize_with_pad(image, size, size, method="bilinear", antialias=True)
+
+
+def image_preprocess(encoded_png: tf.Tensor, data_config: ml_collections.ConfigDict
+                     ) -> tf.Tensor:
+    """PNG bytes -> normalised float32 [S, S, 1] (the evaluation preprocessing)."""
+    image = decode_and_resize(encoded_png, data_config.image_size)
     return (image - data_config.image_mean) / data_config.image_std
 
 
 def select_text(findings: tf.Tensor, impression: tf.Tensor, text_source: str) -> tf.Tensor:
-    """The text a model reads, before normalisation (see TEXT_SOURCES)."""
-    if text_source == "report":
-        return tf.strings.join([findings, impression], separator=" ")
+    """The text a model reads, before normalisation; "sentences" reads the report here
+    (`select_sentences` then picks from it). An empty section falls back to the other."""
+    findings, impression = tf.strings.strip(findings), tf.strings.strip(impression)
+    if text_source in ("report", "both", "sentences"):
+        return tf.strings.strip(tf.strings.join([findings, impression], separator=" "))
     if text_source == "findings":
-        return findings
+        return tf.where(tf.strings.length(findings) > 0, findings, impression)
     if text_source == "impression":
-        return impression
+        return tf.where(tf.strings.length(impression) > 0, impression, findings)
     raise ValueError(f"data.text={text_source!r}; expected one of {TEXT_SOURCES}")
 
 
-def normalize_texts(texts: tf.Tensor) -> tf.Tensor:
-    """`tokenizer.normalize_text` over a string tensor [N] (the Python definition)."""
-    texts = tf.convert_to_tensor(texts, dtype=tf.string)
-    texts.shape.assert_has_rank(1)
-
-    def normalize(batch: np.ndarray) -> np.ndarray:
-        return np.array([normalize_text(t).encode("utf-8") for t in batch.tolist()],
-                        dtype=object)
-
-    normalized = tf.numpy_function(normalize, [texts], tf.string, stateful=False,
-                                   name="normalize_text")
-    normalized.set_shape(texts.shape)
-    return normalized
+def split_sentences(texts: tf.Tensor) -> tf.RaggedTensor:
+    """string [N] -> ragged [N, None]: sentences end at . ! or ? followed by whitespace."""
+    marked = tf.strings.regex_replace(texts, _SENTENCE_END, r"\1" + _SENTENCE_BREAK)
+    sentences = tf.strings.strip(tf.strings.split(marked, sep=_SENTENCE_BREAK))
+    return tf.ragged.boolean_mask(sentences, tf.strings.length(sentences) > 0)
 
 
-def text_preprocess(texts: tf.Tensor, tokenizer: Tokenizer) -> dict[str, tf.Tensor]:
-    """Raw texts [N] -> {"text": normalised [N], "text_id": int32 [N], "tokens": [N, L]}."""
-    normalized = normalize_texts(texts)
-    return {
-        "text": normalized,
-        "text_id": text_hash(normalized),
-        "tokens": tokenizer.tf_encode(normalized),
-    }
+def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
+                     num_sentences: int | None = None,
+                     sentence_fraction: float | None = None) -> tf.Tensor:
+    """A random subset of each text's sentences in random order, joined by spaces.
+
+    Row i depends on (seed, positions[i]) only. The subset size is `num_sentences`
+    (capped at the count), else `ceil(sentence_fraction * count)`, else drawn uniformly
+    from 1..count.
+    """
+    sentences = split_sentences(texts)
+    counts = sentences.row_lengths()
+    if num_sentences is not None:
+        keep = tf.minimum(counts, num_sentences)
+    elif sentence_fraction is not None:
+        keep = tf.cast(tf.math.ceil(sentence_fraction * tf.cast(counts, tf.float64)), tf.int64)
+    else:
+        u = uniform(seed, SALT_SENTENCE_COUNT, positions, 1)[:, 0]
+        keep = 1 + tf.cast(tf.floor(u * tf.cast(counts, tf.float32)), tf.int64)
+    keep = tf.clip_by_value(keep, tf.minimum(counts, 1), counts)
+    # Slot of sentence j of row i: a keyed permutation of 0..count-1 per row.
+    row_of = sentences.value_rowids()
+    flat_positions = tf.gather(tf.cast(positions, tf.int64), row_of)
+    keys = tf.stack([tf.fill(tf.shape(row_of), tf.constant(seed, tf.int64)),
+                     tf.fill(tf.shape(row_of), tf.constant(SALT_SENTENCES, tf.int64)),
+                     flat_positions], axis=1)
+    within = tf.range(tf.size(row_of, out_type=tf.int64)) - tf.gather(
+        sentences.row_starts(), row_of)
+    slots = tf.raw_ops.RandomIndexShuffle(index=within, seed=keys,
+                                          max_index=tf.gather(counts, row_of) - 1)
+    order = tf.argsort(tf.gather(sentences.row_starts(), row_of) + slots, stable=True)
+    shuffled = tf.RaggedTensor.from_row_splits(tf.gather(sentences.flat_values, order),
+                                               sentences.row_splits)
+    kept = tf.ragged.boolean_mask(
+        shuffled, tf.ragged.range(counts) < tf.expand_dims(keep, 1))
+    return tf.strings.reduce_join(kept, axis=1, separator=" ")
 
 
 def text_hash(strings: tf.Tensor) -> tf.Tensor:
@@ -118,13 +174,63 @@ def text_hash(strings: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.strings.to_hash_bucket_fast(strings, HASH_BUCKETS), tf.int32)
 
 
+def text_preprocess(texts: tf.Tensor, tokenizer: Tokenizer) -> dict[str, tf.Tensor]:
+    """Raw texts [N] -> {"text": normalised [N], "text_id": int32 [N], "tokens": [N, L]}."""
+    normalized, tokens = tokenizer.tf_normalize_and_encode(texts)
+    return {"text": normalized, "text_id": text_hash(normalized), "tokens": tokens}
+
+
+def png_is_intact(data: bytes) -> bool:
+    """True when `data` is a structurally complete PNG: signature, IHDR first with a
+    non-empty size, every chunk's CRC, at least one IDAT, IEND last."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return False
+    offset, end, first, has_idat = len(_PNG_SIGNATURE), len(data), True, False
+    while offset + 12 <= end:
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        stop = offset + 12 + length
+        if stop > end:
+            return False
+        body = data[offset + 8: offset + 8 + length]
+        (crc,) = struct.unpack_from(">I", data, offset + 8 + length)
+        if zlib.crc32(body, zlib.crc32(kind)) != crc:
+            return False
+        if first:
+            if kind != b"IHDR" or length != 13:
+                return False
+            width, height = struct.unpack_from(">II", body)
+            if not width or not height:
+                return False
+            first = False
+        has_idat |= kind == b"IDAT"
+        if kind == b"IEND":
+            return has_idat and stop == end
+        offset = stop
+    return False
+
+
+def record_source(builder: tfds.core.DatasetBuilder, split: str):
+    """The serialized records of `split`, by index (a TFDS ArrayRecord data source)."""
+    try:
+        return builder.as_data_source(
+            split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    except NotImplementedError:
+        raise ValueError(
+            f"{builder.name} in {builder.data_dir} is stored as {builder.info.file_format}, "
+            "but the pipeline reads records by index: prepare it with "
+            "download_and_prepare(file_format='array_record') (in a new data_dir, or "
+            "after deleting these records)") from None
+
+
 def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                  tokenizer: Tokenizer, split: str, *, global_batch_size: int, train: bool,
                  seed: int, process_index: int | None = None,
-                 process_count: int | None = None) -> tf.data.Dataset:
+                 process_count: int | None = None, start_step: int = 0) -> tf.data.Dataset:
     """Host-local batches of this process's share of `split` (see the module docstring).
 
-    `process_index`/`process_count` default to `jax.process_index()/process_count()`.
+    `start_step`: the first batch is global batch `start_step` (training resumes there;
+    in evaluation, batches before it are left out). `process_index`/`process_count`
+    default to `jax.process_index()/process_count()`.
     """
     if process_index is None or process_count is None:
         import jax
@@ -136,65 +242,175 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple "
                          f"of the {process_count} processes")
-    if data_config.text not in TEXT_SOURCES:
-        raise ValueError(f"data.text={data_config.text!r}; expected one of {TEXT_SOURCES}")
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} is negative")
+    text_source = data_config.text
+    if text_source not in TEXT_SOURCES:
+        raise ValueError(f"data.text={text_source!r}; expected one of {TEXT_SOURCES}")
+    augment = AugmentConfig.from_config(data_config.get("augment"))
+    max_bad_fraction = data_config.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
+    missing = [k for k in REQUIRED_FEATURES if k not in builder.info.features]
+    if missing:
+        raise ValueError(f"{builder.name} records lack the features {missing}")
+
+    source = record_source(builder, split)
+    num_records = len(source)
+    if num_records == 0:
+        raise ValueError(f"split {split!r} of {builder.name} is empty")
     local_batch_size = global_batch_size // process_count
-    splits = [tfds.split_for_jax_process(split, process_index=i, process_count=process_count)
-              for i in range(process_count)]
+    first = process_index * local_batch_size
+
+    def rows_of_step(step):
+        positions = step * global_batch_size + first + tf.range(local_batch_size,
+                                                                dtype=tf.int64)
+        if train:
+            epochs, within = positions // num_records, positions % num_records
+            keys = tf.stack([tf.fill([local_batch_size], tf.constant(seed, tf.int64)),
+                             tf.fill([local_batch_size], tf.constant(SALT_ORDER, tf.int64)),
+                             epochs], axis=1)
+            index = tf.raw_ops.RandomIndexShuffle(
+                index=within, seed=keys, max_index=tf.constant(num_records - 1, tf.int64))
+            valid = tf.ones([local_batch_size], tf.bool)
+        else:
+            valid = positions < num_records
+            index = tf.where(valid, positions, 0)  # Padding rows read record 0, then zeroed.
+        serialized = tf.numpy_function(
+            lambda keys: np.array(source.__getitems__(keys.tolist()), dtype=object),
+            [index], tf.string, stateful=False, name="read_records")
+        serialized.set_shape([local_batch_size])
+        return {"position": positions, "serialized": serialized, "valid": valid}
+
+    if train:
+        steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // global_batch_size)
+    else:
+        steps = tf.data.Dataset.range(start_step, -(-num_records // global_batch_size))
+    features = builder.info.features
+    parse = _batch_parser(features)
+
+    def text_and_checks(rows):
+        example = parse(rows.pop("serialized"))
+        text = select_text(example["findings"], example["impression"], text_source)
+        if text_source == "sentences" and train:
+            text = select_sentences(text, rows["position"], seed,
+                                    data_config.get("num_sentences"),
+                                    data_config.get("sentence_fraction"))
+        if "has_report" in example:
+            text = tf.where(tf.cast(example["has_report"], tf.bool), text, "")
+        normalized, tokens = tokenizer.tf_normalize_and_encode(text)
+        intact = tf.numpy_function(
+            lambda images: np.array([png_is_intact(x) for x in images.tolist()], dtype=bool),
+            [example["image"]], tf.bool, stateful=False, name="check_png")
+        intact.set_shape([local_batch_size])
+        good = intact & (tf.strings.length(normalized) > 0) if train else intact
+        valid = rows["valid"]
+        labels = tf.cast(example["labels"], tf.float32)
+        labels.set_shape([local_batch_size, NUM_FINDINGS])
+        present = tf.logical_not(tf.math.is_nan(labels))
+        out = {
+            "position": rows["position"],
+            "encoded_image": example["image"],
+            "decode": valid & good,
+            "num_skipped": tf.cast(valid & ~good, tf.int32),
+            "tokens": tokens,
+            "text": normalized,
+            "study_id": text_hash(example["study_id"]),
+            "labels": tf.where(present, labels, tf.zeros_like(labels)),
+            "labels_present": present,
+        }
+        if not train:
+            out["view"] = example["view"]
+        return out
+
+    size = data_config.image_size
+
+    def decode(row):
+        row = dict(row)
+        encoded = row.pop("encoded_image")
+        row["image"] = tf.cond(row["decode"], lambda: decode_and_resize(encoded, size),
+                               lambda: tf.zeros([size, size, 1], tf.float32))
+        return row
+
+    def finish(batch):
+        batch = dict(batch)
+        positions, mask = batch.pop("position"), batch.pop("decode")
+        images = batch["image"]
+        if train and augment.enabled:
+            images = augment_images(images, positions, seed, augment)
+        images = (images - data_config.image_mean) / data_config.image_std
+        out = {"image": tf.where(mask[:, None, None, None], images, tf.zeros_like(images)),
+               "mask": mask, "num_skipped": batch["num_skipped"]}
+        for key in ("tokens", "study_id", "labels", "labels_present"):
+            value = batch[key]
+            out[key] = tf.where(tf.reshape(mask, [-1] + [1] * (value.shape.rank - 1)), value,
+                                tf.zeros_like(value))
+        out["text_id"] = tf.where(mask, text_hash(batch["text"]), 0)
+        if not train:
+            out["text"] = tf.where(mask, batch["text"], "")
+            out["view"] = tf.where(mask, batch["view"], "")
+        return out
 
     options = tf.data.Options()
     options.deterministic = True
     options.autotune.enabled = True
-    dataset = builder.as_dataset(
-        split=splits[process_index],
-        shuffle_files=train,
-        read_config=tfds.ReadConfig(shuffle_seed=seed, options=options),
-        decoders={"image": tfds.decode.SkipDecoding()},  # Decoded in image_preprocess.
-    )
-    if train:
-        dataset = dataset.shuffle(data_config.shuffle_buffer, seed=seed,
-                                  reshuffle_each_iteration=True).repeat()
-    dataset = dataset.map(functools.partial(_example_features, data_config=data_config,
-                                            train=train),
-                          num_parallel_calls=tf.data.AUTOTUNE)
-    if not train:
-        counts = [builder.info.splits[s].num_examples for s in splits]
-        num_batches = -(-max(counts) // local_batch_size)
-        padding = num_batches * local_batch_size - counts[process_index]
-        if padding:
-            rows = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
-                                         dataset.element_spec)
-            dataset = dataset.concatenate(tf.data.Dataset.from_tensors(rows).repeat(padding))
-    dataset = dataset.batch(local_batch_size, drop_remainder=True,
-                            num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.map(functools.partial(_batch_features, tokenizer=tokenizer, train=train),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    parallel = tf.data.AUTOTUNE
+    dataset = (steps.map(rows_of_step, num_parallel_calls=parallel)
+               .map(text_and_checks, num_parallel_calls=parallel)
+               .unbatch()
+               .map(decode, num_parallel_calls=parallel)
+               .batch(local_batch_size, drop_remainder=True)
+               .map(finish, num_parallel_calls=parallel))
+    share = -(-num_records // process_count)
+    dataset = _stop_above_bad_fraction(dataset, max_bad_fraction,
+                                       min(BAD_FRACTION_MIN_EXAMPLES, share))
     return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def _example_features(example, *, data_config, train: bool) -> dict[str, tf.Tensor]:
-    labels = example["labels"]
-    present = tf.logical_not(tf.math.is_nan(labels))
-    features = {
-        "image": image_preprocess(example["image"], data_config),
-        "raw_text": select_text(example["findings"], example["impression"], data_config.text),
-        "study_id": text_hash(example["study_id"]),
-        "labels": tf.where(present, labels, tf.zeros_like(labels)),
-        "labels_present": present,
-        "mask": tf.constant(True),
-    }
-    if not train:
-        features["view"] = example["view"]
-    return features
+def _batch_parser(features: tfds.features.FeaturesDict):
+    """serialized tf.train.Example [N] -> dict of batched features, the image left
+    encoded (PNG bytes)."""
+    wanted = [k for k in (*REQUIRED_FEATURES, "has_report") if k in features]
+    infos = {k: features[k].get_serialized_info() for k in wanted}
+    specs = {}
+    for key, info in infos.items():
+        if any(d is None for d in info.shape):
+            raise ValueError(f"feature {key!r} has the variable shape {info.shape}; the "
+                             "pipeline reads fixed-shape features only")
+        if info.dtype == np.object_ or tf.as_dtype(info.dtype) == tf.string:
+            dtype = tf.string
+        elif tf.as_dtype(info.dtype).is_floating:
+            dtype = tf.float32
+        else:
+            dtype = tf.int64
+        specs[key] = tf.io.FixedLenFeature(info.shape, dtype)
+
+    def parse(serialized):
+        example = tf.io.parse_example(serialized, specs)
+        out = {"image": example.pop("image")}
+        for key, value in example.items():
+            value = tf.cast(value, tf.as_dtype(infos[key].dtype))
+            out[key] = features[key].decode_batch_example(value)
+        return out
+
+    return parse
 
 
-def _batch_features(batch, *, tokenizer: Tokenizer, train: bool) -> dict[str, tf.Tensor]:
-    batch = dict(batch)
-    text = text_preprocess(batch.pop("raw_text"), tokenizer)
-    mask = batch["mask"]
-    # Padding rows are all zeros, tokens and ids included.
-    batch["tokens"] = tf.where(mask[:, None], text["tokens"], tf.zeros_like(text["tokens"]))
-    batch["text_id"] = tf.where(mask, text["text_id"], tf.zeros_like(text["text_id"]))
-    if not train:
-        batch["text"] = text["text"]
-    return batch
+def _stop_above_bad_fraction(dataset: tf.data.Dataset, max_bad_fraction: float,
+                             min_examples: int) -> tf.data.Dataset:
+    """Raises (on iteration) once more than `max_bad_fraction` of the examples read so
+    far, at least `min_examples` of them, were skipped."""
+    zero = tf.constant(0, tf.int64)
+
+    def check(state, batch):
+        read = state[0] + tf.reduce_sum(tf.cast(batch["mask"], tf.int64)) + tf.reduce_sum(
+            tf.cast(batch["num_skipped"], tf.int64))
+        skipped = state[1] + tf.reduce_sum(tf.cast(batch["num_skipped"], tf.int64))
+        too_many = (read >= min_examples) & (
+            tf.cast(skipped, tf.float64) > max_bad_fraction * tf.cast(read, tf.float64))
+        message = tf.strings.format(
+            "{} of the {} examples read by this process were skipped (image not an intact "
+            "PNG, or empty text), more than data.max_bad_fraction={}; fix the records or "
+            "raise data.max_bad_fraction", (skipped, read, max_bad_fraction))
+        with tf.control_dependencies([tf.debugging.Assert(~too_many, [message])]):
+            return (tf.identity(read), tf.identity(skipped)), batch
+
+    return dataset.scan((zero, zero), check)

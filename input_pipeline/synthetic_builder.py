@@ -6,7 +6,7 @@ and the records are the same bytes for the same config on every machine. Nothing
 downloaded; building never needs the network.
 
     builder = build(config.data)  # Prepares it the first time, then just opens it.
-    builder.as_dataset(split="train")
+    builder.as_data_source(split="train")[i]  # ArrayRecord: any record by index.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.tokenizer import tensorflow_on_host
 
 DATA_DIR_ENV = "JAXMEDCLIP_DATA_DIR"
+# The pipeline reads records by index (exact resume, process-independent order).
+FILE_FORMAT = "array_record"
 _STUDIES_PER_TASK = 32
 _MAX_WORKERS = 8
 _WORKER_CODE = "from input_pipeline import synthetic_cxr; synthetic_cxr.serve_study_records()"
@@ -78,8 +80,11 @@ class SyntheticCxrConfig(tfds.core.BuilderConfig):
 class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest X-ray images with MIMIC-style reports and CheXpert-style labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Records written as ArrayRecord, for reading by index.",
+    }
     BUILDER_CONFIGS = [SyntheticCxrConfig()]
 
     @tfds.core.utils.classproperty
@@ -182,7 +187,8 @@ def build(data_config: ml_collections.ConfigDict) -> SyntheticCxr:
     if not builder.is_prepared():
         try:
             builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+                file_format=FILE_FORMAT)
         except OSError:
             # Several processes may build the same config at once (e.g. every process of
             # a multi-process job on one host). They write the same bytes; the first to

@@ -7,8 +7,10 @@ always the last non-pad token, right-padded with 0:
 
     pad=0, unk=1, bos=2, eos=3
 
-The Python side never imports TensorFlow; `Tokenizer.tf_encode` and `ensure_tokenizer`
-import it when called.
+The Python side never imports TensorFlow; `Tokenizer.tf_encode`,
+`Tokenizer.tf_normalize_and_encode` and `ensure_tokenizer` import it when called.
+Training, evaluation (the tf.data graph calls `tf_normalize_and_encode`) and export
+(`encode_batch`) all go through `normalize_text` and `encode_normalized`.
 """
 
 from __future__ import annotations
@@ -99,7 +101,12 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str | bytes]) -> np.ndarray:
         """int32 [N, max_len]: BOS + pieces + EOS, truncated keeping EOS, 0-padded."""
-        pieces = self._processor.encode([normalize_text(t) for t in texts], out_type=int)
+        return self.encode_normalized([normalize_text(t) for t in texts])
+
+    def encode_normalized(self, normalized: Sequence[str]) -> np.ndarray:
+        """`encode_batch` of texts that already went through `normalize_text`."""
+        # One thread: tf.data already runs several batches at once.
+        pieces = self._processor.encode(list(normalized), out_type=int, num_threads=1)
         tokens = np.zeros((len(pieces), self.max_len), dtype=np.int32)
         for row, ids in zip(tokens, pieces, strict=True):
             ids = [BOS_ID, *ids[: self.max_len - 2], EOS_ID]
@@ -117,18 +124,32 @@ class Tokenizer:
         return self._processor.decode(pieces)
 
     def tf_encode(self, texts: tf.Tensor) -> tf.Tensor:
-        """`encode_batch` inside a TensorFlow graph: string [N] -> int32 [N, max_len].
+        """`encode_batch` inside a TensorFlow graph: string [N] -> int32 [N, max_len]."""
+        return self.tf_normalize_and_encode(texts)[1]
 
-        A `tf.numpy_function` around the Python processor (tensorflow-text is not a
-        dependency); swapping it for an in-graph op only changes this method.
+    def tf_normalize_and_encode(self, texts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Raw texts [N] -> (normalised texts [N], `encode_batch` tokens int32 [N, max_len]).
+
+        One `tf.numpy_function` call per batch around `normalize_text` and the Python
+        processor, so the graph and `encode_batch` share a single definition
+        (tensorflow-text, the in-graph SentencePiece op, needs the full `tensorflow`
+        package, which conflicts with tensorflow-cpu).
         """
         tf = tensorflow_on_host()
         texts = tf.convert_to_tensor(texts, dtype=tf.string)
         texts.shape.assert_has_rank(1)
-        tokens = tf.numpy_function(lambda batch: self.encode_batch(batch.tolist()), [texts],
-                                   tf.int32, stateful=False, name="sentencepiece_encode")
+
+        def normalize_and_encode(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            normalized = [normalize_text(t) for t in batch.tolist()]
+            encoded = np.array([t.encode("utf-8") for t in normalized], dtype=object)
+            return encoded.reshape(batch.shape), self.encode_normalized(normalized)
+
+        normalized, tokens = tf.numpy_function(
+            normalize_and_encode, [texts], (tf.string, tf.int32), stateful=False,
+            name="sentencepiece_encode")
+        normalized.set_shape(texts.shape)
         tokens.set_shape([texts.shape[0], self.max_len])
-        return tokens
+        return normalized, tokens
 
 
 def tensorflow_on_host():
@@ -155,27 +176,40 @@ def ensure_tokenizer(data_config, builder) -> Tokenizer:
 
     path = tokenizer_path(data_config, builder)
     if not epath.Path(path).exists():
-        texts = _train_reports(builder)
-        with tempfile.TemporaryDirectory() as scratch:
-            model = train_sentencepiece(texts, os.path.join(scratch, "spm"),
-                                        data_config.vocab_size, data_config.tokenizer_type)
-            vocab = model[: -len(".model")] + ".vocab"
-            _publish(vocab, path[: -len(".model")] + ".vocab")
-            _publish(model, path)  # Last: its presence means the tokenizer is complete.
+        train_tokenizer(data_config, builder, path=path)
     return Tokenizer(path, data_config.max_text_len)
 
 
-def _train_reports(builder) -> Iterable[str]:
-    """Each training study's full report, once per study (records are per image)."""
+def train_tokenizer(data_config, builder, split: str = "train", path: str | None = None
+                    ) -> str:
+    """Trains the SentencePiece model of `data_config` (`vocab_size`, `tokenizer_type`)
+    on the reports of `split`, once per study; writes it to `path` (default
+    `tokenizer_path`, where `ensure_tokenizer` looks), replacing any model there."""
+    path = path or tokenizer_path(data_config, builder)
+    if not path.endswith(".model"):
+        raise ValueError(f"tokenizer path {path!r} must end with .model")
+    texts = _split_reports(builder, split)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = train_sentencepiece(texts, os.path.join(scratch, "spm"),
+                                    data_config.vocab_size, data_config.tokenizer_type)
+        vocab = model[: -len(".model")] + ".vocab"
+        _publish(vocab, path[: -len(".model")] + ".vocab")
+        _publish(model, path)  # Last: its presence means the tokenizer is complete.
+    return path
+
+
+def _split_reports(builder, split: str) -> Iterable[str]:
+    """Each study's full report in `split`, once per study (records are per image)."""
     import tensorflow_datasets as tfds
 
-    dataset = builder.as_dataset(split="train", shuffle_files=False,
-                                 decoders={"image": tfds.decode.SkipDecoding()})
+    source = builder.as_data_source(split=split,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
     seen = set()
-    for example in dataset.as_numpy_iterator():
-        if example["study_id"] not in seen:
-            seen.add(example["study_id"])
-            yield example["report"].decode("utf-8")
+    for start in range(0, len(source), 256):
+        for example in source.__getitems__(range(start, min(start + 256, len(source)))):
+            if example["study_id"] not in seen:
+                seen.add(example["study_id"])
+                yield example["report"].decode("utf-8")
 
 
 def _read_bytes(path: str) -> bytes:

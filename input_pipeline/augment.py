@@ -1,0 +1,176 @@
+"""Training-time image augmentation inside the tf.data graph, stateless and batched.
+
+Every random number is a function of (seed, salt, global example position) only
+(`uniform`), so a resumed run, or a run with another number of processes, draws exactly
+the same augmentation for the same example position.
+
+Configured by `data.augment` (absent, None or all defaults: no augmentation):
+
+    crop_scale        (min, max) area fraction of a random resized crop; None: no crop
+    crop_aspect       (min, max) width / height of the crop, drawn log-uniformly
+    rotation_degrees  rotation drawn uniformly from [-r, r]
+    brightness        additive delta drawn from [-b, b] (on [0, 1] intensities)
+    contrast          factor drawn from [1 - c, 1 + c] around the image mean
+    gamma             exponent drawn from [1 - g, 1 + g]
+    horizontal_flip   mirror half of the images (off: laterality is in the reports)
+
+Images come in resized to the model's size (aspect kept, zero padding) with intensities
+in [0, 1], and leave with the same shape and range. The crop is taken from that resized
+image and stretched back to full size (zoom in only, so no aliasing), rotated about its
+centre; pixels from outside the image are 0, like the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+import tensorflow as tf
+
+# Salts: independent random streams per use (the example order uses its own, pipeline.py).
+SALT_GEOMETRY = 11
+SALT_PHOTOMETRIC = 12
+_UNIFORM_BITS = 24  # float32 holds every value of a 24-bit draw exactly.
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """`data.augment` as typed values; the defaults change nothing."""
+
+    crop_scale: tuple[float, float] | None = None
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    rotation_degrees: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    horizontal_flip: bool = False
+
+    def __post_init__(self):
+        if self.crop_scale is not None:
+            low, high = self.crop_scale
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"data.augment.crop_scale={self.crop_scale}: need "
+                                 "0 < min <= max <= 1 (fractions of the image area)")
+        low, high = self.crop_aspect
+        if not 0 < low <= high:
+            raise ValueError(f"data.augment.crop_aspect={self.crop_aspect}: need "
+                             "0 < min <= max")
+        if not 0 <= self.rotation_degrees <= 180:
+            raise ValueError(f"data.augment.rotation_degrees={self.rotation_degrees} "
+                             "outside [0, 180]")
+        for name in ("brightness", "contrast", "gamma"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"data.augment.{name}={value} outside [0, 1)")
+
+    @classmethod
+    def from_config(cls, augment: ml_collections.ConfigDict | dict | None) -> AugmentConfig:
+        """From `data.augment`; unknown keys are an error (a typo would silently do nothing)."""
+        if not augment:
+            return cls()
+        values = dict(augment.to_dict() if hasattr(augment, "to_dict") else augment)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown data.augment keys {unknown}; known: {sorted(known)}")
+        for key in ("crop_scale", "crop_aspect"):
+            if values.get(key) is not None:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)
+
+    @property
+    def geometric(self) -> bool:
+        return (self.crop_scale is not None or self.rotation_degrees > 0
+                or self.horizontal_flip)
+
+    @property
+    def photometric(self) -> bool:
+        return self.brightness > 0 or self.contrast > 0 or self.gamma > 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.geometric or self.photometric
+
+
+def uniform(seed: int, salt: int, positions: tf.Tensor, count: int) -> tf.Tensor:
+    """float32 [N, count] in (0, 1): draw j of row i is a function of (seed, salt,
+    positions[i], j) only.
+
+    Stateless and batched: a keyed pseudo-random permutation (`RandomIndexShuffle`) of
+    the 24-bit integers, evaluated at j with the key (seed, salt, position).
+    """
+    positions = tf.cast(tf.reshape(positions, [-1]), tf.int64)
+    rows = tf.shape(positions)[0]
+    keys = tf.stack([tf.fill([rows], tf.constant(seed, tf.int64)),
+                     tf.fill([rows], tf.constant(salt, tf.int64)), positions], axis=1)
+    keys = tf.repeat(keys, count, axis=0)
+    draws = tf.raw_ops.RandomIndexShuffle(
+        index=tf.tile(tf.range(count, dtype=tf.int64), [rows]), seed=keys,
+        max_index=tf.constant(2**_UNIFORM_BITS - 1, tf.int64))
+    values = (tf.cast(draws, tf.float32) + 0.5) / 2**_UNIFORM_BITS
+    return tf.reshape(values, [rows, count])
+
+
+def augment_images(images: tf.Tensor, positions: tf.Tensor, seed: int,
+                   config: AugmentConfig) -> tf.Tensor:
+    """float32 [N, S, S, C] in [0, 1] -> augmented, same shape and range."""
+    if config.geometric:
+        images = _geometric(images, uniform(seed, SALT_GEOMETRY, positions, 6), config)
+    if config.photometric:
+        images = _photometric(images, uniform(seed, SALT_PHOTOMETRIC, positions, 3), config)
+    return images
+
+
+def _between(u: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    return low + (high - low) * u
+
+
+def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
+    """One projective resampling per image: crop, rotation and flip together."""
+    height = tf.cast(tf.shape(images)[1], tf.float32)
+    width = tf.cast(tf.shape(images)[2], tf.float32)
+    if config.crop_scale is None:
+        crop_w, crop_h = tf.fill(tf.shape(u[:, 0]), width), tf.fill(tf.shape(u[:, 0]), height)
+    else:
+        area = _between(u[:, 0], *config.crop_scale) * width * height
+        log_aspect = _between(u[:, 1], *(math.log(a) for a in config.crop_aspect))
+        aspect = tf.exp(log_aspect)
+        crop_w = tf.minimum(tf.sqrt(area * aspect), width)
+        crop_h = tf.minimum(tf.sqrt(area / aspect), height)
+    centre_x = crop_w / 2 + u[:, 2] * (width - crop_w)
+    centre_y = crop_h / 2 + u[:, 3] * (height - crop_h)
+    angle = _between(u[:, 4], -1.0, 1.0) * (config.rotation_degrees * math.pi / 180)
+    flip = tf.ones_like(angle)
+    if config.horizontal_flip:
+        flip = tf.where(u[:, 5] < 0.5, -1.0, 1.0)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # Output pixel (x, y) has centre (x + 0.5, y + 0.5); its offset from the crop centre
+    # is (du, dv) = (flip * ((x + 0.5) * sx - w / 2), (y + 0.5) * sy - h / 2), rotated
+    # into the source; TensorFlow samples source pixel centres at integer coordinates.
+    sx, sy = flip * crop_w / width, crop_h / height
+    ox, oy = flip * (0.5 * crop_w / width - crop_w / 2), 0.5 * crop_h / height - crop_h / 2
+    transforms = tf.stack([
+        cos * sx, -sin * sy, centre_x - 0.5 + cos * ox - sin * oy,
+        sin * sx, cos * sy, centre_y - 0.5 + sin * ox + cos * oy,
+        tf.zeros_like(cos), tf.zeros_like(cos)], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
+def _photometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
+    """Gamma, then contrast around the image mean, then brightness; clipped to [0, 1]."""
+    def per_image(values):
+        return values[:, None, None, None]
+
+    if config.gamma:
+        gamma = _between(u[:, 0], 1 - config.gamma, 1 + config.gamma)
+        images = tf.pow(tf.clip_by_value(images, 0.0, 1.0), per_image(gamma))
+    if config.contrast:
+        factor = _between(u[:, 1], 1 - config.contrast, 1 + config.contrast)
+        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        images = mean + per_image(factor) * (images - mean)
+    if config.brightness:
+        images = images + per_image(_between(u[:, 2], -config.brightness, config.brightness))
+    return tf.clip_by_value(images, 0.0, 1.0)
