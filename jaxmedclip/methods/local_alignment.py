@@ -1,0 +1,299 @@
+"""GLoRIA-style local alignment of words and image regions, over the whole global batch.
+
+For an image i with region (patch) features v_i1..v_iP and a text j with word features
+w_j1..w_jL (valid words only, `word_mask`), all projected to the same dimension:
+
+1. attention of each word over the regions of the image, sharpened by t1:
+     a_jl,p = softmax_p(t1 * cos(w_jl, v_ip))
+2. the region context of each word: c_ijl = sum_p a_jl,p v_ip
+3. the word-context agreement r_ijl = cos(w_jl, c_ijl), aggregated over the valid words
+   of text j by a log-sum-exp sharpened by t2:
+     s_ij = (1 / t2) log sum_l exp(t2 * r_ijl)
+   (a text without valid words gets s = 0 with every image);
+4. logits t3 * s_ij and the symmetric cross-entropy with one-hot targets over the valid
+   examples (`mask`): loss = i2t_weight * loss_i2t + t2i_weight * loss_t2i, each
+   direction averaged over the N valid rows (columns).
+
+Implementations (`impl`, as for the global loss in `jaxmedclip.losses`):
+- `dense`: the [B, B] similarity matrix on one device; the reference.
+- `all_gather`: under `shard_map` over the batch axes, each device gathers every text's
+  word features and scores its local images against all of them ([b, B] block).
+- `ring`: the word features travel around the devices of the batch axes (`ppermute`);
+  each step scores the local images against one visiting block of texts ([b, b]). The
+  pair computation of a step is rematerialised in the backward pass (`jax.checkpoint`),
+  so its [b, b, L, P] intermediates are never held for more than one block.
+In both sharded forms only the small [B, B] similarity matrix is gathered afterwards
+(for the text->image direction). Gradients are plain autodiff through `shard_map`.
+
+Memory: the pair computation is O(b * B * L * (P + D)) floats per device for
+`all_gather` (attention [b, B, L, P] and contexts [b, B, L, D]) and O(b * b * L * (P + D))
+per ring step; the ring's backward pass also keeps each visiting word block
+(B * L * D in all). Fine for small configs (b = 32, B = 1024, L = 64 words, P = 196
+patches is 32 * 1024 * 64 * 196 * 4 bytes = 1.6 GB for the attention alone with
+all_gather); use `ring` or fewer words/regions beyond that.
+
+`merge_subwords` turns SentencePiece token features into word features: pieces that
+start with "▁" begin a word, the others are averaged into the word before them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmedclip.parallel import BATCH_AXES
+
+IMPLEMENTATIONS = ("dense", "all_gather", "ring")
+WORD_START = "\u2581"  # SentencePiece's word-boundary mark "▁".
+# The tokenizer's special ids (input_pipeline.tokenizer: pad=0, bos=2, eos=3); they are
+# not words.
+SPECIAL_IDS = (0, 2, 3)
+_MASKED = -1e9
+
+
+# ------------------------------------------------------------------------ words from pieces
+
+
+def word_start_table(pieces: Sequence[str]) -> np.ndarray:
+    """bool [vocab]: does piece id i start a new word ("▁" prefix)?
+
+    `pieces` is the SentencePiece piece of every id, e.g.
+    `[sp.id_to_piece(i) for i in range(sp.get_piece_size())]`.
+    """
+    return np.array([piece.startswith(WORD_START) for piece in pieces], dtype=bool)
+
+
+def merge_subwords(
+    token_features: jax.Array,
+    token_ids: jax.Array,
+    starts_word: jax.Array | np.ndarray,
+    *,
+    special_ids: Sequence[int] = SPECIAL_IDS,
+    max_words: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Token features [B, T, D] -> (word features [B, W, D], word mask bool [B, W]).
+
+    A word is a token whose id starts a word (`starts_word[id]`, see `word_start_table`),
+    or the first token after a special one, followed by the tokens that continue it; its
+    feature is the mean of its tokens' features. Special tokens (`special_ids`: padding,
+    BOS, EOS) belong to no word. Words are packed to the left; W = `max_words` (default
+    T) and words beyond it are dropped. Static shapes, pure jnp.
+    """
+    if token_features.ndim != 3 or token_features.shape[:2] != token_ids.shape:
+        raise ValueError(
+            f"token_features must be [batch, tokens, dim] matching token_ids [batch, tokens]; "
+            f"got {token_features.shape} and {token_ids.shape}"
+        )
+    num_words = token_ids.shape[1] if max_words is None else int(max_words)
+    table = jnp.asarray(starts_word, dtype=bool)
+    valid = ~jnp.isin(token_ids, jnp.asarray(special_ids, token_ids.dtype))
+    after_valid = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+    starts = valid & (table[token_ids] | ~after_valid)
+    index = jnp.where(valid, jnp.cumsum(starts, axis=1) - 1, -1)
+    assign = (index[:, :, None] == jnp.arange(num_words)[None, None, :]).astype(jnp.float32)
+    counts = jnp.sum(assign, axis=1)  # [B, W]
+    summed = jnp.einsum("btw,btd->bwd", assign, token_features.astype(jnp.float32))
+    words = summed / jnp.maximum(counts, 1.0)[:, :, None]
+    return words.astype(token_features.dtype), counts > 0
+
+
+# ------------------------------------------------------------------------------ similarity
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def local_similarity(
+    image_tokens: jax.Array,
+    word_features: jax.Array,
+    word_mask: jax.Array,
+    t1: jax.Array | float,
+    t2: jax.Array | float,
+) -> jax.Array:
+    """s [b_images, c_texts] of every (image, text) pair (steps 1-3 of the module doc)."""
+    regions = image_tokens.astype(jnp.float32)
+    words = _unit(word_features.astype(jnp.float32))
+    cosine = jnp.einsum("ipd,jld->ijlp", _unit(regions), words)
+    attention = jax.nn.softmax(t1 * cosine, axis=-1)
+    context = jnp.einsum("ijlp,ipd->ijld", attention, regions)
+    agreement = jnp.sum(_unit(context) * words[None], axis=-1)  # [b, c, L]
+    mask = word_mask[None, :, :]
+    pooled = jax.nn.logsumexp(jnp.where(mask, t2 * agreement, _MASKED), axis=-1) / t2
+    return jnp.where(jnp.any(mask, axis=-1), pooled, 0.0)
+
+
+def _direction_sum(logits, row_ids, row_valid, col_valid):
+    """Sum of -log p(own partner) over the valid rows of a [rows, B] logit block."""
+    log_probs = jax.nn.log_softmax(jnp.where(col_valid[None, :], logits, _MASKED), axis=1)
+    own = jnp.take_along_axis(log_probs, row_ids[:, None], axis=1)[:, 0]
+    return -jnp.sum(jnp.where(row_valid, own, 0.0))
+
+
+def _finish(i2t, t2i, count, i2t_weight, t2i_weight):
+    count = jnp.maximum(count, 1.0)
+    loss_i2t, loss_t2i = i2t / count, t2i / count
+    loss = i2t_weight * loss_i2t + t2i_weight * loss_t2i
+    return loss, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
+
+
+# ----------------------------------------------------------------------------- sharded forms
+
+
+def _axes_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size
+
+
+def _sums_from_rows(rows_s, t3, mask, all_mask, axes):
+    """i2t over the local rows, t2i over the local columns of the gathered [B, B] s."""
+    local = rows_s.shape[0]
+    ids = jax.lax.axis_index(axes) * local + jnp.arange(local, dtype=jnp.int32)
+    i2t = _direction_sum(t3 * rows_s, ids, mask, all_mask)
+    full = jax.lax.all_gather(rows_s, axes, axis=0, tiled=True)  # [B, B], small
+    columns = jnp.take(full, ids, axis=1).T  # [local texts, B images]
+    t2i = _direction_sum(t3 * columns, ids, mask, all_mask)
+    count = jnp.sum(mask, dtype=jnp.float32)
+    return jax.lax.psum(jnp.stack([i2t, t2i, count]), axes)
+
+
+def _all_gather_body(regions, words, word_mask, mask, t1, t2, t3, *, axes):
+    gather = lambda a: jax.lax.all_gather(a, axes, axis=0, tiled=True)
+    rows_s = local_similarity(regions, gather(words.astype(jnp.float32)), gather(word_mask),
+                              t1, t2)
+    return _sums_from_rows(rows_s, t3, mask, gather(mask), axes)
+
+
+def _ring_body(regions, words, word_mask, mask, t1, t2, t3, *, axes, size):
+    local = regions.shape[0]
+    me = jax.lax.axis_index(axes)
+    perm = [(i, (i + 1) % size) for i in range(size)]
+    score = jax.checkpoint(local_similarity)
+
+    def visit(step, block, rows_s):
+        block_words, block_mask = block
+        source = (me - step) % size  # The block that arrives at step k left k devices back.
+        s = score(regions, block_words, block_mask, t1, t2)
+        return jax.lax.dynamic_update_slice(rows_s, s, (0, source * local))
+
+    def body(step, carry):
+        block, rows_s = carry
+        rows_s = visit(step, block, rows_s)
+        return jax.tree.map(lambda a: jax.lax.ppermute(a, axes, perm), block), rows_s
+
+    block = (words.astype(jnp.float32), word_mask)
+    rows_s = jnp.zeros((local, local * size), jnp.float32)
+    block, rows_s = jax.lax.fori_loop(0, size - 1, body, (block, rows_s))
+    rows_s = visit(size - 1, block, rows_s)
+    all_mask = jax.lax.all_gather(mask, axes, axis=0, tiled=True)
+    return _sums_from_rows(rows_s, t3, mask, all_mask, axes)
+
+
+def _place(x, mesh, spec):
+    if AxisType.Explicit in mesh.axis_types:
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return x
+
+
+def local_alignment_loss(
+    image_tokens: jax.Array,
+    word_features: jax.Array,
+    word_mask: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    t1: jax.Array | float = 4.0,
+    t2: jax.Array | float = 5.0,
+    t3: jax.Array | float = 10.0,
+    impl: str = "all_gather",
+    mesh: Mesh | None = None,
+    batch_axes: Sequence[str] | str = BATCH_AXES,
+    i2t_weight: float = 0.5,
+    t2i_weight: float = 0.5,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GLoRIA local loss (module doc) -> (loss, {"loss_i2t", "loss_t2i"}).
+
+    `image_tokens` [B, P, D] and `word_features` [B, L, D] are projected to the same D;
+    `word_mask` bool [B, L] marks real words, `mask` bool [B] real examples (default
+    all). Global arrays; with a mesh the batch dimension is sharded over `batch_axes`.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl={impl!r} is unknown; choose one of {IMPLEMENTATIONS}")
+    batch = image_tokens.shape[0]
+    if (image_tokens.ndim != 3 or word_features.ndim != 3
+            or word_features.shape[0] != batch or image_tokens.shape[2] != word_features.shape[2]
+            or word_mask.shape != word_features.shape[:2]):
+        raise ValueError(
+            "expected image_tokens [B, P, D], word_features [B, L, D], word_mask [B, L]; got "
+            f"{image_tokens.shape}, {word_features.shape}, {word_mask.shape}"
+        )
+    mask = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask).astype(bool)
+    if mask.shape != (batch,):
+        raise ValueError(f"mask must be bool [{batch}]; got shape {mask.shape}")
+    word_mask = jnp.asarray(word_mask).astype(bool)
+    temps = [jnp.asarray(t, jnp.float32).reshape(()) for t in (t1, t2, t3)]
+
+    if impl == "dense" or mesh is None:
+        s = local_similarity(image_tokens, word_features, word_mask, temps[0], temps[1])
+        ids = jnp.arange(batch)
+        count = jnp.sum(mask, dtype=jnp.float32)
+        i2t = _direction_sum(temps[2] * s, ids, mask, mask)
+        t2i = _direction_sum(temps[2] * s.T, ids, mask, mask)
+        return _finish(i2t, t2i, count, i2t_weight, t2i_weight)
+
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    if not axes or any(a not in mesh.axis_names for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"batch_axes={axes} must be distinct axes of the mesh, whose axes "
+                         f"are {mesh.axis_names}")
+    size = _axes_size(mesh, axes)
+    if batch % size:
+        raise ValueError(f"global batch {batch} is not divisible by the {size} devices of the "
+                         f"batch axes {axes}; pad it and mark the padding with `mask`")
+    rows, rep = P(axes), P()
+    args = [_place(a, mesh, rows) for a in (image_tokens, word_features, word_mask, mask)]
+    temps = [_place(t, mesh, rep) for t in temps]
+    if impl == "all_gather":
+        body = lambda *a: _all_gather_body(*a, axes=axes)
+    else:
+        body = lambda *a: _ring_body(*a, axes=axes, size=size)
+    sums = jax.shard_map(
+        body, mesh=mesh, in_specs=(rows, rows, rows, rows, rep, rep, rep), out_specs=rep,
+        check_vma=False,
+    )(*args, *temps)
+    return _finish(sums[0], sums[1], sums[2], i2t_weight, t2i_weight)
+
+
+def local_alignment_config(config: ml_collections.ConfigDict | Mapping[str, Any] | None,
+                           default_impl: str = "all_gather") -> dict[str, Any]:
+    """Keyword arguments of `local_alignment_loss` from `config.loss.local`.
+
+    Fields (all optional): t1 (4.0), t2 (5.0), t3 (10.0), impl (default: `default_impl`,
+    i.e. the global loss's `loss.impl`), i2t_weight, t2i_weight (0.5 each). `weight` (the
+    term's weight in the total loss) is the trainer's and is not returned.
+    """
+    config = {} if config is None else dict(config)
+    known = {"weight", "t1", "t2", "t3", "impl", "i2t_weight", "t2i_weight"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"loss.local has unknown fields {unknown}; known: {sorted(known)}")
+    kwargs = {
+        "t1": float(config.get("t1", 4.0)), "t2": float(config.get("t2", 5.0)),
+        "t3": float(config.get("t3", 10.0)), "impl": config.get("impl") or default_impl,
+        "i2t_weight": float(config.get("i2t_weight", 0.5)),
+        "t2i_weight": float(config.get("t2i_weight", 0.5)),
+    }
+    for name in ("t1", "t2", "t3"):
+        if not kwargs[name] > 0:
+            raise ValueError(f"loss.local.{name}={kwargs[name]} must be > 0")
+    if kwargs["impl"] not in IMPLEMENTATIONS:
+        raise ValueError(f"loss.local.impl={kwargs['impl']!r} is unknown; choose one of "
+                         f"{IMPLEMENTATIONS}")
+    return kwargs
