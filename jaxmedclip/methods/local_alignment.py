@@ -279,6 +279,8 @@ def local_alignment_config(config: ml_collections.ConfigDict | Mapping[str, Any]
     i.e. the global loss's `loss.impl`), i2t_weight, t2i_weight (0.5 each). `weight` (the
     term's weight in the total loss) is the trainer's and is not returned.
     """
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
     config = {} if config is None else dict(config)
     known = {"weight", "t1", "t2", "t3", "impl", "i2t_weight", "t2i_weight"}
     unknown = sorted(set(config) - known)
