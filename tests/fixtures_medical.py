@@ -179,9 +179,10 @@ def mimic_tree(root, *, bad: bool = False) -> dict:
         ids = list(images)
         os.remove(images[ids[2]]["path"])
         bad_rows[ids[2]] = "missing_image"
-        with open(images[ids[3]]["path"], "wb") as f:
+        corrupt = next(i for i in ids[3:] if images[i]["path"].endswith(".jpg"))
+        with open(images[corrupt]["path"], "wb") as f:
             f.write(b"\xff\xd8\xff\xe0 truncated")
-        bad_rows[ids[3]] = "unreadable_image"
+        bad_rows[corrupt] = "unreadable_image"
         empty_study = images[ids[-1]]
         with open(_report_path(root, empty_study), "w") as f:
             f.write("INDICATION: ___\n\nCOMPARISON: None.\n")
