@@ -25,7 +25,8 @@ How a report is labelled (the CheXpert recipe: mention, classify, aggregate):
      covered ("no effusion, consolidation or pneumothorax"): "no", "not", "without",
      "negative for", "free of", "clear of", "absence of", "resolution of", "removal of";
    - negation after the mention, within a few words: "is not seen", "has resolved",
-     "is absent", "removed", "ruled out";
+     "is absent", "removed", "ruled out"; a cue after its mentions reaches back only to
+     the nearest one and those joined to it by "and" / "or";
    - uncertainty before ("possible", "likely", "suggestive of", "concerning for",
      "borderline", "cannot exclude", "rule out") or after ("cannot be excluded", "is not
      excluded", "is likely") the mention, "may" / "might" / "could" on either side (the
@@ -239,6 +240,7 @@ _CUES: tuple[tuple[str, str], ...] = (
     )),
 )
 
+_LIST_JOIN = re.compile(r",? (?:and|or|and/or|nor) (?:[\w-]+ ){0,3}")
 _NEGATED_VERB = re.compile(r"(?:to )?(?:suggest|indicate)|suggest(?:s|ing|ive of)")
 _CUE_PATTERN = re.compile("|".join(f"(?P<{name}>{regex})" for name, regex in _CUES))
 
@@ -303,6 +305,22 @@ def _word_gap(clause: str, start: int, end: int) -> int:
     return len(clause[start:end].split())
 
 
+def _reaches_back(clause: str, start: int, end: int, cue_start: int, mention_spans) -> bool:
+    """Does a cue after the mention [start, end) reach it?
+
+    It reaches the nearest mention before it (within a few words), and the mentions
+    joined to that one by "and" / "or" ("effusion and pneumothorax have resolved"), but
+    not one in another phrase ("effusions with atelectasis, infection not excluded").
+    """
+    between = sorted({(s, e) for s, e in mention_spans if s >= end and e <= cue_start})
+    last = end
+    for s, e in between:
+        if not _LIST_JOIN.fullmatch(clause[last:s]):
+            return False
+        last = e
+    return _word_gap(clause, last, cue_start) <= _POST_NEGATION_WORDS
+
+
 def _classify(clause: str, start: int, end: int, cues, mention_spans) -> float | None:
     """The value the nearest applicable cue gives the mention [start, end), or None."""
     best: tuple[int, float] | None = None
@@ -321,12 +339,13 @@ def _classify(clause: str, start: int, end: int, cues, mention_spans) -> float |
         if kind == "negated_before" and before:
             offer(distance, NEGATIVE)
         elif kind == "negated_after" and after:
-            if _word_gap(clause, end, cue_start) <= _POST_NEGATION_WORDS:
+            if _reaches_back(clause, start, end, cue_start, mention_spans):
                 offer(distance, NEGATIVE)
         elif kind == "uncertain_before" and before:
             offer(distance, UNCERTAIN)
         elif kind == "uncertain_after" and after:
-            offer(distance, UNCERTAIN)
+            if _reaches_back(clause, start, end, cue_start, mention_spans):
+                offer(distance, UNCERTAIN)
         elif kind == "uncertain_both":
             offer(distance, UNCERTAIN)
         elif kind == "versus":
