@@ -172,8 +172,8 @@ def test_errors_and_config():
         la.local_alignment_loss(image, text, word_mask, mask, impl="chunked")
     with pytest.raises(ValueError, match="expected image_tokens"):
         la.local_alignment_loss(image, text[:, :, :3], word_mask, mask)
-    kwargs = la.local_alignment_config(ml_collections.ConfigDict({"weight": 1.0, "t3": 20.0}),
-                                       default_impl="ring")
+    local = ml_collections.ConfigDict({"weight": 1.0, "max_words": 8, "t3": 20.0})
+    kwargs = la.local_alignment_config(local, default_impl="ring")
     assert kwargs["t3"] == 20.0 and kwargs["t1"] == 4.0 and kwargs["impl"] == "ring"
     with pytest.raises(ValueError, match="unknown fields"):
         la.local_alignment_config({"temperature": 1.0})

@@ -277,12 +277,13 @@ def local_alignment_config(config: ml_collections.ConfigDict | Mapping[str, Any]
 
     Fields (all optional): t1 (4.0), t2 (5.0), t3 (10.0), impl (default: `default_impl`,
     i.e. the global loss's `loss.impl`), i2t_weight, t2i_weight (0.5 each). `weight` (the
-    term's weight in the total loss) is the trainer's and is not returned.
+    term's weight in the total loss) and `max_words` (for `merge_subwords`) are the
+    trainer's and are not returned.
     """
     if isinstance(config, ml_collections.ConfigDict):
         config = config.to_dict()
     config = {} if config is None else dict(config)
-    known = {"weight", "t1", "t2", "t3", "impl", "i2t_weight", "t2i_weight"}
+    known = {"weight", "max_words", "t1", "t2", "t3", "impl", "i2t_weight", "t2i_weight"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"loss.local has unknown fields {unknown}; known: {sorted(known)}")
