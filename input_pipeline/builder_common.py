@@ -4,7 +4,9 @@ build report, parallel image encoding and `build`.
 A builder (csv_manifest, mimic_cxr, chexpert) subclasses `MedicalImageBuilder` and only
 turns its source layout into `SourceRow`s per split (plus the rows already known to be
 bad, e.g. an empty report). This module then encodes the images in worker processes,
-skips and counts bad rows, writes the build report and enforces `max_bad_fraction`.
+skips and counts bad rows, writes the build report and enforces
+`data.build_max_bad_fraction` (a build-time limit; the pipeline's `data.max_bad_fraction`
+is its own, read-time one).
 
 Build report: `<data_dir>/<name>/<config>/<version>.build_report.json`, beside the
 version directory TFDS writes. It is written once the sources are read (stage "sources
@@ -325,10 +327,10 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         if entry["bad_fraction"] > self.max_bad_fraction:
             raise BadDataError(
                 f"{self.name} {split}: {entry['bad']} of {entry['rows']} rows are bad "
-                f"({entry['bad_fraction']:.1%} > data.max_bad_fraction="
+                f"({entry['bad_fraction']:.1%} > data.build_max_bad_fraction="
                 f"{self.max_bad_fraction:.1%}): {entry['bad_by_reason']}. The first of "
                 f"each reason are listed in {self.build_report_path}; fix the data or "
-                "raise data.max_bad_fraction. Nothing was published for this build.")
+                "raise data.build_max_bad_fraction. Nothing was published for this build.")
 
 
 def manual_dir_of(data_config: ml_collections.ConfigDict, name: str) -> str:
@@ -346,11 +348,12 @@ def build(builder_cls: type[MedicalImageBuilder], config: tfds.core.BuilderConfi
           data_config: ml_collections.ConfigDict, **builder_kwargs) -> MedicalImageBuilder:
     """Opens `builder_cls(config)` under `data.data_dir`, preparing it from
     `data.manual_dir` first if absent (only then is data.manual_dir needed). Also reads
-    data.max_bad_fraction and data.build_workers; `builder_kwargs` go to the builder."""
+    data.build_max_bad_fraction and data.build_workers; `builder_kwargs` go to the builder."""
     tensorflow_on_host()  # Writing records runs TensorFlow ops; keep them off the GPUs.
     data_dir = data_config.get("data_dir") or synthetic_builder.default_data_dir()
     options = dict(
-        max_bad_fraction=data_config.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION),
+        max_bad_fraction=data_config.get("build_max_bad_fraction",
+                                         DEFAULT_MAX_BAD_FRACTION),
         workers=data_config.get("build_workers", None), **builder_kwargs)
     builder = builder_cls(config=config, data_dir=data_dir, **options)
     if builder.is_prepared():

@@ -23,7 +23,8 @@ error. `data.views` keeps only those views. Bad rows (missing or unreadable imag
 path without patientNNNNN/studyN, a malformed label) are skipped and counted.
 
 Config fields: data.manual_dir, data.data_dir, data.source_max_size (512), data.views
-(None: all), data.max_bad_fraction (0.01), data.build_workers (None: all CPUs).
+(None: all), data.build_max_bad_fraction (0.01), data.build_workers (None: all
+CPUs).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ bytes and the split settings, so an edited manifest builds anew.
 
 Config fields: data.manual_dir, data.manifest ("manifest.csv"), data.data_dir,
 data.split_fractions ((0.8, 0.1, 0.1)), data.split_seed (0), data.source_max_size (512),
-data.views (None: all), data.max_bad_fraction (0.01), data.build_workers (None: all CPUs).
+data.views (None: all), data.build_max_bad_fraction (0.01), data.build_workers (None: all
+CPUs).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Bad rows (missing or unreadable image, missing or empty report) are skipped and 
 (see builder_common).
 
 Config fields: data.manual_dir, data.reports_dir (None: manual_dir), data.data_dir,
-data.source_max_size (512), data.views (None: all), data.max_bad_fraction (0.01),
+data.source_max_size (512), data.views (None: all), data.build_max_bad_fraction (0.01),
 data.build_workers (None: all CPUs).
 """
 

@@ -20,7 +20,7 @@ from fixtures_medical import (
 )
 from PIL import Image
 
-from input_pipeline import builder_common, chexpert, csv_manifest, images, mimic_cxr
+from input_pipeline import build, builder_common, chexpert, csv_manifest, images, mimic_cxr
 from input_pipeline.builder_common import BadDataError
 from input_pipeline.findings import CHEXPERT_FINDINGS, FINDING_INDEX
 
@@ -28,7 +28,7 @@ from input_pipeline.findings import CHEXPERT_FINDINGS, FINDING_INDEX
 def data_config(tmp_path, name, **fields):
     return ml_collections.ConfigDict({
         "name": name, "data_dir": str(tmp_path / "tfds"), "manual_dir": str(tmp_path / "raw"),
-        "source_max_size": 16, "build_workers": 1, "max_bad_fraction": 0.01, **fields})
+        "source_max_size": 16, "build_workers": 1, "build_max_bad_fraction": 0.01, **fields})
 
 
 def records(builder, split):
@@ -109,7 +109,7 @@ def test_mimic_cxr_records(tmp_path):
 
 def test_mimic_cxr_bad_rows_are_skipped_counted_and_named(tmp_path):
     facts = mimic_tree(tmp_path / "raw", bad=True)
-    config = data_config(tmp_path, "mimic_cxr", max_bad_fraction=1.0)
+    config = data_config(tmp_path, "mimic_cxr", build_max_bad_fraction=1.0)
     builder = mimic_cxr.build(config)
     written = {s: len(records(builder, s)) for s in ("train", "validation", "test")
                if s in builder.info.splits}
@@ -137,8 +137,9 @@ def test_mimic_cxr_bad_rows_are_skipped_counted_and_named(tmp_path):
 
 def test_mimic_cxr_too_many_bad_rows_raise_and_publish_nothing(tmp_path):
     mimic_tree(tmp_path / "raw", bad=True)
-    config = data_config(tmp_path, "mimic_cxr", max_bad_fraction=0.05)
-    with pytest.raises(BadDataError, match=r"rows are bad .* > data.max_bad_fraction=5.0%"):
+    config = data_config(tmp_path, "mimic_cxr", build_max_bad_fraction=0.05)
+    with pytest.raises(BadDataError,
+                       match=r"rows are bad .* > data.build_max_bad_fraction=5.0%"):
         mimic_cxr.build(config)
     builder = mimic_cxr.MimicCxr(config=mimic_cxr.builder_config(config),
                                  data_dir=config.data_dir)
@@ -161,7 +162,7 @@ def test_bad_images_over_the_limit_raise_after_decoding(tmp_path):
     rows.append(["gone.png", "Clear.", "s9", "p9", "PA", "train"])
     write_manifest(root, rows)
     with pytest.raises(BadDataError, match="1 of 10 rows are bad"):
-        csv_manifest.build(data_config(tmp_path, "csv_manifest", max_bad_fraction=0.05))
+        csv_manifest.build(data_config(tmp_path, "csv_manifest", build_max_bad_fraction=0.05))
     builder = csv_manifest.CsvManifest(
         config=csv_manifest.builder_config(data_config(tmp_path, "csv_manifest")),
         data_dir=str(tmp_path / "tfds"))
@@ -280,8 +281,9 @@ def test_csv_manifest_bad_rows(tmp_path):
              ["x.png", "INDICATION: cough", "s13", "p13", "PA", "train"]]
     write_manifest(root, rows)
     with pytest.raises(BadDataError, match="4 of 10 rows are bad"):
-        csv_manifest.build(data_config(tmp_path, "csv_manifest", max_bad_fraction=0.3))
-    builder = csv_manifest.build(data_config(tmp_path, "csv_manifest", max_bad_fraction=0.4))
+        csv_manifest.build(data_config(tmp_path, "csv_manifest", build_max_bad_fraction=0.3))
+    builder = csv_manifest.build(data_config(tmp_path, "csv_manifest",
+                                             build_max_bad_fraction=0.4))
     assert builder.info.splits["train"].num_examples == 6
     entry = build_report(builder)["train"]
     assert entry["bad_by_reason"] == {"empty_report": 2, "missing_image": 1,
@@ -357,3 +359,23 @@ def test_parse_label(cell, value):
                                        ("Lateral", "LATERAL"), ("AP AXIAL", ""), ("", "")])
 def test_normalize_view(raw, view):
     assert builder_common.normalize_view(raw) == view
+
+
+def test_build_cli_prepares_a_manifest_config(tmp_path, capsys):
+    root = tmp_path / "raw"
+    write_raster(root / "x.png", gradient(6, 6))
+    write_manifest(root, [["x.png", "Clear.", f"s{i}", f"p{i}", "PA", "train"]
+                          for i in range(3)])
+    experiment = tmp_path / "exp.py"
+    experiment.write_text(
+        "import ml_collections\n\n\ndef get_config(arg=None):\n"
+        "    config = ml_collections.ConfigDict()\n"
+        "    config.data = ml_collections.ConfigDict(dict(\n"
+        "        name='csv_manifest', data_dir='', manual_dir='', source_max_size=16,\n"
+        "        build_workers=1))\n"
+        "    return config\n")
+    build.main(["--config", str(experiment), f"--config.data.manual_dir={root}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}"])
+    out = capsys.readouterr().out
+    assert "csv_manifest manifest_" in out and "train: 3 records" in out
+    assert "build report: " in out
