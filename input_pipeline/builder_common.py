@@ -363,8 +363,8 @@ def build(builder_cls: type[MedicalImageBuilder], config: tfds.core.BuilderConfi
     try:
         builder.download_and_prepare(
             download_config=download_config,
-            # The pipeline reads every builder's records the same way as synthetic_cxr's.
-            file_format=getattr(synthetic_builder, "FILE_FORMAT", None))
+            # ArrayRecord, like synthetic_cxr: the pipeline reads records by index.
+            file_format=synthetic_builder.FILE_FORMAT)
     except OSError:
         # Another process built the same config at the same time: open the winner's.
         builder = builder_cls(config=config, data_dir=data_dir, **options)
