@@ -42,6 +42,10 @@ CHECKPOINTS = "checkpoints"
 UNREADABLE = "checkpoints_unreadable"
 
 
+class ResumeError(ValueError):
+    """The workdir's checkpoints cannot be resumed by this run (what to do is in the text)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
     """Where the training data stands after `step` batches.
@@ -83,7 +87,7 @@ def check_data_position(
         if int(config[name]) != getattr(saved, name)
     ]
     if differences and not allow_change:
-        raise ValueError(
+        raise ResumeError(
             f"the checkpoint of step {saved.step} was written by a run with a different data "
             f"order: {'; '.join(differences)}. Resuming would not continue its sequence of "
             "batches. Use the checkpoint's values, a new --workdir, or pass "
@@ -294,7 +298,7 @@ def restore_latest_readable(
     an older one has been read, the unreadable newer ones are moved to
     `<workdir>/checkpoints_unreadable/<step>` so that new saves do not collide with them
     and the retention policy never counts them (a bad checkpoint cannot push a good one
-    out). If none can be read, nothing is moved and a RuntimeError lists them all.
+    out). If none can be read, nothing is moved and a ResumeError lists them all.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     failures: list[tuple[int, str]] = []
@@ -313,7 +317,7 @@ def restore_latest_readable(
         return restored
     if failures:
         listing = "; ".join(f"step {s}: {r}" for s, r in failures)
-        raise RuntimeError(
+        raise ResumeError(
             f"none of the {len(failures)} checkpoints in {manager.directory} can be read "
             f"({listing}). Move them away to start from scratch, or repair them"
         )

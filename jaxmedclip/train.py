@@ -9,6 +9,7 @@ Effects (files, clocks, logging) live here; the model, loss and train step are p
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -16,8 +17,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, TextIO
 
 import flax.linen as nn
 import jax
@@ -58,6 +59,12 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="compile the train step for the configured mesh, print memory and FLOPs, exit",
     )
+    parser.add_argument(
+        "--allow_data_position_change",
+        action="store_true",
+        help="resume a checkpoint written with another seed or global_batch_size (the data "
+        "order then differs from an uninterrupted run)",
+    )
     cluster = parser.add_argument_group("multi-process (see launch/)")
     cluster.add_argument("--coordinator_address", help="host:port of process 0")
     cluster.add_argument("--num_processes", type=int)
@@ -89,6 +96,9 @@ class MetricsWriter:
         "learning_rate",
         "grad_norm",
         "samples_per_s",
+        "step_time_s",
+        "data_wait_s",
+        "tflops_per_device",
         "mfu",
         "eval/zero_shot_mean_auc",
         "eval/i2t_recall@10",
@@ -118,10 +128,61 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
+class ProgressBar:
+    """One `\\r`-redrawn line with steps/s and ETA, shown when the stream is a terminal (and
+    only by process 0); log lines clear it first."""
+
+    WIDTH = 30
+
+    def __init__(self, start_step: int, total_steps: int, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.enabled = jax.process_index() == 0 and self.stream.isatty()
+        self.start_step, self.total_steps = start_step, total_steps
+        self.first: tuple[int, float] | None = None  # Timed from the first step: no compile.
+        self.shown, self.last_draw = False, 0.0
+
+    def update(self, step: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        if now - self.last_draw < 0.1 and step != self.total_steps:
+            return
+        done = step - self.first[0]
+        rate = done / (now - self.first[1]) if done else 0.0
+        eta = format_duration((self.total_steps - step) / rate) if rate else "?"
+        filled = int(self.WIDTH * step / max(self.total_steps, 1))
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.stream.write(
+            f"\r[{bar}] step {step}/{self.total_steps} {rate:.2f} steps/s ETA {eta}\033[K"
+        )
+        self.stream.flush()
+        self.shown, self.last_draw = True, now
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("total_steps", "global_batch_size", "log_every"):
         if int(config[field]) <= 0:
             raise ValueError(f"{field}={config[field]} must be a positive integer")
+    policy = checkpointing.CheckpointPolicy.from_config(config)
+    if policy.best_metric is not None and not evaluation.eval_config(config).every_steps:
+        raise ValueError(
+            f"checkpoint_best_metric={policy.best_metric!r} ranks checkpoints by an evaluation "
+            "metric, but eval.every_steps is 0 (no evaluation); set eval.every_steps"
+        )
 
 
 class Setup(NamedTuple):
@@ -190,31 +251,98 @@ def compile_report(config: ml_collections.ConfigDict, setup: Setup) -> dict[str,
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     gib = 1024**3
     report = {
+        "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items()),
         "devices": setup.mesh.size,
-        "argument_gib": memory.argument_size_in_bytes / gib,
-        "output_gib": memory.output_size_in_bytes / gib,
-        "temp_gib": memory.temp_size_in_bytes / gib,
-        "alias_gib": memory.alias_size_in_bytes / gib,
+        "global_batch_size": config.global_batch_size,
+        # Sizes of the compiled SPMD program: what each device holds.
+        "argument_gib_per_device": memory.argument_size_in_bytes / gib,
+        "temp_gib_per_device": memory.temp_size_in_bytes / gib,
+        "output_gib_per_device": memory.output_size_in_bytes / gib,
+        "alias_gib_per_device": memory.alias_size_in_bytes / gib,
         "xla_tflops_per_device": float((cost or {}).get("flops", float("nan"))) / 1e12,
         "model_tflops_per_device": flops.train_flops_per_step(config) / setup.mesh.size / 1e12,
+        "model_tflops_per_step": flops.train_flops_per_step(config) / 1e12,
     }
     # Donated state aliases the outputs: peak is roughly arguments + temporaries + outputs
     # that are not aliased.
     report["peak_gib_per_device"] = (
-        report["argument_gib"] + report["temp_gib"] + report["output_gib"] - report["alias_gib"]
+        report["argument_gib_per_device"]
+        + report["temp_gib_per_device"]
+        + report["output_gib_per_device"]
+        - report["alias_gib_per_device"]
     )
     return report
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None = None) -> dict:
-    """Runs (or resumes) the configured training; returns the last logged metrics."""
-    mesh, rules, model, tx, abstract_state, shardings, train_step = setup or build(config)
+def train_batches(
+    pipeline: Any, config: ml_collections.ConfigDict, builder: Any, tokenizer: Any, start_step: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's training batches from batch `start_step` on.
 
+    The data order is a function of (seed, step): a pipeline that takes `start_step`
+    starts there directly; otherwise the consumed batches are read and skipped.
+    """
+    kwargs = dict(global_batch_size=config.global_batch_size, train=True, seed=config.seed)
+    args = (config.data, builder, tokenizer, "train")
+    if "start_step" in inspect.signature(pipeline.make_dataset).parameters:
+        return pipeline.make_dataset(*args, start_step=start_step, **kwargs).as_numpy_iterator()
+    return pipeline.make_dataset(*args, **kwargs).skip(start_step).as_numpy_iterator()
+
+
+def resume(
+    config: ml_collections.ConfigDict,
+    manager: Any,
+    setup: Setup,
+    *,
+    allow_data_position_change: bool = False,
+) -> tuple[trainer.TrainState, int]:
+    """The newest readable checkpoint's state and step, or a fresh state at step 0."""
+    restored = checkpointing.restore_latest_readable(manager, setup.abstract_state, setup.shardings)
+    if restored is None:
+        state, _ = trainer.create_train_state(
+            setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
+        )
+        return state, 0
+    if restored.data is None:
+        log.warning("checkpoint step %d has no data position; not checked", restored.step)
+    else:
+        changed = checkpointing.check_data_position(
+            restored.data, config, allow_change=allow_data_position_change
+        )
+        if changed:
+            log.warning("resuming with another data order: %s", "; ".join(changed))
+    log.info("resumed from %s at step %d", manager.directory, restored.step)
+    return restored.state, restored.step
+
+
+def finite_metrics(metrics: Mapping[str, Any], step: int, manager: Any) -> dict[str, float]:
+    """The step's metrics as floats; a non-finite one stops the run (nothing is saved)."""
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}); "
+            f"stopping. The last good checkpoint in {manager.directory} is step "
+            f"{manager.latest_step()}"
+        )
+    return metrics
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    setup: Setup | None = None,
+    *,
+    allow_data_position_change: bool = False,
+) -> dict:
+    """Runs (or resumes) the configured training; returns the last logged metrics.
+
+    A workdir that holds checkpoints resumes from the newest readable one, refusing a
+    config whose seed or global batch size differ from it unless
+    `allow_data_position_change`.
+    """
+    setup = setup or build(config)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
     from input_pipeline import pipeline  # tensorflow is needed from here on only.
 
     builder, tokenizer = pipeline.prepare(config.data)
@@ -224,32 +352,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
             f"{config.data.vocab_size}; raise data.vocab_size"
         )
 
-    manager = checkpointing.make_manager(workdir)
-    restored = checkpointing.restore(manager, abstract_state, shardings)
-    if restored is None:
-        state, _ = trainer.create_train_state(model, tx, config.data, mesh, rules, config.seed)
-        start_step = 0
-    else:
-        state, start_step = restored
-        log.info("resumed from %s at step %d", manager.directory, start_step)
-
-    dataset = pipeline.make_dataset(
-        config.data,
-        builder,
-        tokenizer,
-        "train",
-        global_batch_size=config.global_batch_size,
-        train=True,
-        seed=config.seed,
-    )
-    # The data order is a function of (seed, step): skipping the consumed batches resumes
-    # exactly where an uninterrupted run would be.
-    batches = dataset.skip(start_step).as_numpy_iterator()
-
+    policy = checkpointing.CheckpointPolicy.from_config(config)
     writer = MetricsWriter(workdir)
+    manager = checkpointing.make_manager(workdir, policy)
+    try:
+        state, start_step = resume(
+            config, manager, setup, allow_data_position_change=allow_data_position_change
+        )
+        if jax.process_index() == 0:  # The config of the run that last wrote here.
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        batches = train_batches(pipeline, config, builder, tokenizer, start_step)
+        data = (builder, tokenizer, batches)
+        return _loop(config, workdir, setup, policy, manager, writer, data, state, start_step)
+    finally:
+        # Pending asynchronous saves complete even when the loop stops on an error.
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+
+
+def _loop(config, workdir, setup, policy, manager, writer, data, state, start_step) -> dict:
+    """The training loop from `start_step` on (see `train`)."""
+    builder, tokenizer, batches = data
+    mesh, model, train_step = setup.mesh, setup.model, setup.train_step
+    progress = ProgressBar(start_step, config.total_steps)
     eval_cfg = evaluation.eval_config(config)
     eval_every = eval_cfg.every_steps
-    embedder = evaluation.embed.Embedder(model, mesh, rules) if eval_every else None
+    embedder = evaluation.embed.Embedder(model, mesh, setup.rules) if eval_every else None
+    checkpoint_every = int(config.get("checkpoint_every") or 0)
     step_tflops = flops.train_flops_per_step(config) / mesh.size / 1e12
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -260,34 +391,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
         config.global_batch_size,
         config.total_steps,
     )
+
+    def save(step: int, ranking: dict[str, float] | None = None) -> None:
+        checkpointing.save(
+            manager,
+            step,
+            state,
+            data=checkpointing.DataPosition.from_config(config, step),
+            config=config,
+            metrics=ranking,
+            force=True,
+        )
+
     last: dict[str, float] = {}
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
     try:
         with PreemptionWatch() as preemption:
             for step in range(start_step + 1, config.total_steps + 1):
                 t0 = time.perf_counter()
-                batch = parallel.host_to_global(next(batches), mesh)
+                host_batch = next(batches)
                 data_wait += time.perf_counter() - t0
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, parallel.host_to_global(host_batch, mesh))
                 interval_steps += 1
-                is_log = step % config.log_every == 0 or step in (
-                    start_step + 1,
-                    config.total_steps,
-                )
-                is_checkpoint = (
-                    bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-                )
-                if is_log or is_checkpoint:
-                    # Never log or save a state that came from a non-finite step: the last good
-                    # checkpoint stays the latest one.
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-                    if bad:
-                        raise FloatingPointError(
-                            f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}); "
-                            f"stopping. The last good checkpoint in {manager.directory} is step "
-                            f"{manager.latest_step()}"
-                        )
+                progress.update(step)
+                is_last = step == config.total_steps
+                is_log = step % config.log_every == 0 or step == start_step + 1 or is_last
+                is_eval = bool(eval_every) and (step % eval_every == 0 or is_last)
+                is_checkpoint = is_last or bool(checkpoint_every and step % checkpoint_every == 0)
+                if is_log or is_eval or is_checkpoint:
+                    # Never log, evaluate or save a state that came from a non-finite step:
+                    # the last good checkpoint stays the latest one.
+                    metrics = finite_metrics(metrics, step, manager)
                 if is_log:
                     elapsed = time.perf_counter() - interval_start
                     last = {
@@ -299,42 +433,80 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup | None =
                     }
                     if peak is not None:
                         last["mfu"] = last["tflops_per_device"] / peak
+                    progress.clear()
                     writer.write(step, last)
+                ranking = None
+                if is_eval:
+                    progress.clear()
+                    results = evaluate_splits(
+                        config,
+                        eval_cfg,
+                        setup,
+                        state,
+                        builder,
+                        tokenizer,
+                        workdir,
+                        step,
+                        embedder,
+                        writer,
+                    )
+                    ranking = best_metric_value(policy, results, step)
+                stop = not is_last and preemption.should_stop(sync=is_log)
+                if stop and not (is_log or is_eval or is_checkpoint):
+                    metrics = finite_metrics(metrics, step, manager)
+                if is_checkpoint or stop or ranking is not None:
+                    save(step, ranking)
+                if is_log:  # Timing excludes logging, evaluation and starting saves.
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-                if eval_every and (step % eval_every == 0 or step == config.total_steps):
-                    for split in eval_cfg.splits:
-                        prefix = "eval/" if len(eval_cfg.splits) == 1 else f"eval_{split}/"
-                        writer.write(
-                            step,
-                            evaluation.evaluate(
-                                config,
-                                model,
-                                state.params,
-                                mesh,
-                                builder,
-                                tokenizer,
-                                split,
-                                workdir,
-                                step=step,
-                                prefix=prefix,
-                                embedder=embedder,
-                            ),
-                        )
-                if is_checkpoint:
-                    checkpointing.save(manager, step, state)
-                if step < config.total_steps and preemption.should_stop(sync=is_log):
-                    log.info("preempted: saving step %d and exiting", step)
-                    checkpointing.save(manager, step, state, force=True)
+                if stop:
+                    log.info("preempted: saved step %d, exiting", step)
                     break
-            else:
-                if config.total_steps > start_step and manager.latest_step() != config.total_steps:
-                    checkpointing.save(manager, config.total_steps, state, force=True)
     finally:
-        # Pending asynchronous saves complete even when the loop stops on an error.
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        progress.clear()
     return last
+
+
+def evaluate_splits(
+    config, eval_cfg, setup, state, builder, tokenizer, workdir, step, embedder, writer
+) -> dict[str, float]:
+    """Runs the evaluators on every configured split; logs and returns their metrics."""
+    results: dict[str, float] = {}
+    for split in eval_cfg.splits:
+        prefix = "eval/" if len(eval_cfg.splits) == 1 else f"eval_{split}/"
+        metrics = evaluation.evaluate(
+            config,
+            setup.model,
+            state.params,
+            setup.mesh,
+            builder,
+            tokenizer,
+            split,
+            workdir,
+            step=step,
+            prefix=prefix,
+            embedder=embedder,
+        )
+        writer.write(step, metrics)
+        results.update(metrics)
+    return results
+
+
+def best_metric_value(
+    policy: checkpointing.CheckpointPolicy, results: Mapping[str, float], step: int
+) -> dict[str, float] | None:
+    """`{best_metric: value}` to rank this step's checkpoint by, or None."""
+    if policy.best_metric is None:
+        return None
+    if policy.best_metric not in results:
+        log.error(
+            "checkpoint_best_metric %r is not among the evaluation metrics of step %d (%s); "
+            "the checkpoint is not ranked",
+            policy.best_metric,
+            step,
+            ", ".join(sorted(results)),
+        )
+        return None
+    return {policy.best_metric: float(results[policy.best_metric])}
 
 
 class PreemptionWatch:
@@ -394,7 +566,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         for key, value in report.items():
             print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
         return
-    train(config, args.workdir, setup)
+    try:
+        train(
+            config,
+            args.workdir,
+            setup,
+            allow_data_position_change=args.allow_data_position_change,
+        )
+    except checkpointing.ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

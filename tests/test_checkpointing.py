@@ -149,7 +149,8 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
         _damage(tmp_path / "checkpoints" / str(step), "truncate")
     abstract, shardings = _abstract()
     manager = checkpointing.make_manager(str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"none of the 2 checkpoints.*step 4: .*step 2: "):
+    expected = r"none of the 2 checkpoints.*step 4: .*step 2: "
+    with pytest.raises(checkpointing.ResumeError, match=expected):
         checkpointing.restore_latest_readable(manager, abstract, shardings)
     assert sorted(manager.all_steps()) == [2, 4]
     assert not os.path.exists(tmp_path / "checkpoints_unreadable")
