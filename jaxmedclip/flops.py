@@ -19,7 +19,8 @@ PEAK_TFLOPS = {
     "TPU v6 lite": 918.0,  # v6e (Trillium)
     "TPU v6e": 918.0,
     "A100": 312.0,
-    "H100": 989.0,
+    "H100": 989.0,  # SXM; the PCIe card below.
+    "H100 PCIe": 756.0,
     "H200": 989.0,
 }
 

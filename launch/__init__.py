@@ -1,0 +1,1 @@
+"""Launchers: local multi-process rehearsal, TPU pod slices, SLURM multi-node GPU."""
