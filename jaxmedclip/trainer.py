@@ -3,10 +3,22 @@
 Initialisation never materialises the model on one device: `jax.eval_shape` gives the
 abstract state with logical axis names, the rules turn them into shardings, and
 `jax.jit(init, out_shardings=...)` creates every parameter where it lives.
+
+The objective is the global contrastive loss of `config.loss` (`jaxmedclip.losses`),
+plus, when `config.loss.local` is set with a weight > 0, the GLoRIA-style local
+alignment loss (`jaxmedclip.methods.local_alignment`):
+
+    loss = global + loss.local.weight * local
+
+`loss.local` fields: weight (default 1.0; 0 turns the term off), max_words (words per
+text kept by sub-word pooling; default None: the text length), t1, t2, t3, impl
+(default: `loss.impl`), i2t_weight, t2i_weight. The term needs the model's local
+projections (`model.local_dim`) and the tokenizer's word-start table (`word_starts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,10 +28,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxmedclip import losses, parallel
+from jaxmedclip.methods import local_alignment
+
+# The model outputs the loss reads per example (the rest, scale and bias, are scalars).
+EMBEDDINGS = ("image_emb", "text_emb")
+LOCAL_FEATURES = ("image_local", "text_local")
 
 
 @flax.struct.dataclass
@@ -136,6 +154,67 @@ def _from_microbatches(x: jax.Array, mesh: Mesh) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh))
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalTerm:
+    """The local alignment term of the objective, read from `config.loss.local`."""
+
+    weight: float
+    max_words: int | None
+    loss_kwargs: dict[str, Any]  # For `local_alignment.local_alignment_loss`.
+    word_starts: np.ndarray  # bool [vocab]: does token id i start a word?
+
+    @classmethod
+    def from_config(
+        cls, loss_config: ml_collections.ConfigDict, word_starts: Any, model: nn.Module
+    ) -> LocalTerm | None:
+        """The term, or None when `loss.local` is absent or its weight is 0."""
+        local = loss_config.get("local") if loss_config is not None else None
+        if local is None:
+            return None
+        weight = float(local.get("weight", 1.0))
+        if weight < 0:
+            raise ValueError(f"loss.local.weight={weight} must be >= 0 (0: no local loss)")
+        kwargs = local_alignment.local_alignment_config(
+            local, default_impl=loss_config.get("impl", "all_gather")
+        )
+        if weight == 0:
+            return None
+        max_words = local.get("max_words")
+        if max_words is not None and (isinstance(max_words, bool) or int(max_words) <= 0):
+            raise ValueError(f"loss.local.max_words={max_words!r} must be a positive integer "
+                             "or None (all tokens)")
+        if getattr(model, "local_dim", None) is None:
+            raise ValueError(
+                "loss.local (the local alignment loss) needs the model's local projections of "
+                "patch tokens and token features: set model.local_dim (e.g. 128)"
+            )
+        if word_starts is None:
+            raise ValueError(
+                "loss.local (the local alignment loss) needs the tokenizer's word-start "
+                "table to pool sub-word pieces into words: pass word_starts="
+                "local_alignment.word_start_table(pieces) to make_train_step, pieces being "
+                "[sp.id_to_piece(i) for i in range(sp.get_piece_size())]"
+            )
+        word_starts = np.asarray(word_starts)
+        if word_starts.ndim != 1 or word_starts.dtype != bool:
+            raise ValueError(f"word_starts must be bool [vocab]; got {word_starts.dtype} "
+                             f"{word_starts.shape}")
+        return cls(weight, None if max_words is None else int(max_words), kwargs, word_starts)
+
+    def loss(self, image_local, text_local, batch, mesh):
+        """(local loss, metrics) over the global batch; texts without words are left out."""
+        words, word_mask = local_alignment.merge_subwords(
+            text_local, batch["tokens"], self.word_starts, max_words=self.max_words
+        )
+        mask = jnp.any(word_mask, axis=1)
+        if "mask" in batch:
+            mask = mask & jnp.asarray(batch["mask"]).astype(bool)
+        return local_alignment.local_alignment_loss(
+            image_local, words, word_mask, mask, mesh=mesh, batch_axes=parallel.BATCH_AXES,
+            **self.loss_kwargs,
+        )
+
+
 def make_loss_and_grads(
     model: nn.Module,
     loss_config: ml_collections.ConfigDict,
@@ -143,13 +222,19 @@ def make_loss_and_grads(
     *,
     microbatch_size: int | None = None,
     param_shardings: Any = None,
+    word_starts: np.ndarray | None = None,
 ) -> Callable[[Any, Mapping[str, jax.Array]], tuple[tuple[jax.Array, dict], Any]]:
     """`loss_and_grads(params, batch) -> ((loss, metrics), grads)` over the global batch.
 
     Call it under `jax.set_mesh(mesh)` and the model's logical-axis rules (as the train
-    step does). With `microbatch_size` the gradients are computed by GradCache (Gao et
-    al., 2021): the towers run micro-batch by micro-batch, so activations are held for
-    one micro-batch only, while the loss still sees the whole global batch:
+    step does). The loss is the objective of the module doc; with the local term the
+    metrics also hold `loss/global`, `loss/local`, `local/loss_i2t` and `local/loss_t2i`.
+    `word_starts` (bool [vocab], `local_alignment.word_start_table` of the tokenizer's
+    pieces) is needed only by the local term and enters the step as a constant.
+
+    With `microbatch_size` the gradients are computed by GradCache (Gao et al., 2021): the
+    towers run micro-batch by micro-batch, so activations are held for one micro-batch
+    only, while the loss still sees the whole global batch:
 
     1. embed every micro-batch (forward only, nothing kept for a backward pass);
     2. the loss and its gradient w.r.t. the embeddings, scale and bias, once, on the
@@ -158,27 +243,38 @@ def make_loss_and_grads(
        embedding gradients back to the parameters, summing over micro-batches.
 
     The result equals the full-batch gradient (up to float summation order); the price is
-    one extra forward pass. `param_shardings` (optional) keeps the gradient accumulator
-    in the parameters' layout (sharded for FSDP).
+    one extra forward pass. With the local term, the cached "embeddings" also include the
+    projected patch tokens and token features of the whole batch (each device holds its
+    rows: b * (P + T) * local_dim floats, next to the local loss's own pair computation,
+    which is the same as without micro-batches). `param_shardings` (optional) keeps the
+    gradient accumulator in the parameters' layout (sharded for FSDP).
     """
+    local = LocalTerm.from_config(loss_config, word_starts, model)
+    features = EMBEDDINGS + (LOCAL_FEATURES if local is not None else ())
 
-    def contrastive(image_emb, text_emb, scale, bias, batch):
+    def objective(out, batch):
+        """The loss of the module doc from the model's outputs (full global batch)."""
         loss, metrics = losses.contrastive_loss(
-            image_emb,
-            text_emb,
-            scale,
-            bias,
+            out["image_emb"],
+            out["text_emb"],
+            out["scale"],
+            out["bias"],
             batch,
             config=loss_config,
             mesh=mesh,
             batch_axes=parallel.BATCH_AXES,
         )
-        metrics.update(scale=scale, bias=bias)
-        return loss, metrics
+        metrics.update(scale=out["scale"], bias=out["bias"])
+        if local is None:
+            return loss, metrics
+        local_loss, local_metrics = local.loss(out["image_local"], out["text_local"], batch, mesh)
+        metrics["loss/global"] = loss
+        metrics["loss/local"] = local_loss
+        metrics.update({f"local/{k}": v for k, v in local_metrics.items()})
+        return loss + local.weight * local_loss, metrics
 
     def loss_fn(params, batch):
-        out = model.apply({"params": params}, batch["image"], batch["tokens"])
-        return contrastive(out["image_emb"], out["text_emb"], out["scale"], out["bias"], batch)
+        return objective(model.apply({"params": params}, batch["image"], batch["tokens"]), batch)
 
     full_batch = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatch_size is None:
@@ -186,15 +282,12 @@ def make_loss_and_grads(
     microbatch_size = _check_microbatch_size(microbatch_size, mesh)
 
     def embed(params, images, tokens):
-        variables = {"params": params}
-        return (
-            model.apply(variables, images, method="encode_image"),
-            model.apply(variables, tokens, method="encode_text"),
-        )
+        out = model.apply({"params": params}, images, tokens)
+        return {name: out[name] for name in features}
 
-    def head_loss(params, image_emb, text_emb, batch):
+    def head_loss(params, cached, batch):
         scale, bias = model.apply({"params": params}, method="temperature")
-        return contrastive(image_emb, text_emb, scale, bias, batch)
+        return objective({**cached, "scale": scale, "bias": bias}, batch)
 
     def constrain(grads):
         if param_shardings is None:
@@ -218,27 +311,28 @@ def make_loss_and_grads(
 
         # 1. Embeddings of the whole batch; no gradient flows here, so nothing is saved.
         fixed = jax.lax.stop_gradient(params)
-        _, (image_emb, text_emb) = jax.lax.scan(
+        _, cached = jax.lax.scan(
             lambda carry, xs: (carry, embed(fixed, *xs)), None, (images, tokens)
         )
-        image_emb = _from_microbatches(image_emb, mesh)
-        text_emb = _from_microbatches(text_emb, mesh)
+        cached = jax.tree.map(lambda x: _from_microbatches(x, mesh), cached)
 
         # 2. The full-batch loss; gradients w.r.t. embeddings and the temperature/bias.
-        (loss, metrics), (head_grads, d_image, d_text) = jax.value_and_grad(
-            head_loss, argnums=(0, 1, 2), has_aux=True
-        )(params, image_emb, text_emb, batch)
+        (loss, metrics), (head_grads, d_cached) = jax.value_and_grad(
+            head_loss, argnums=(0, 1), has_aux=True
+        )(params, cached, batch)
 
         # 3. Back-propagate the cached embedding gradients micro-batch by micro-batch.
         def accumulate(grads, xs):
-            micro_images, micro_tokens, micro_d_image, micro_d_text = xs
+            micro_images, micro_tokens, micro_d_cached = xs
             _, pullback = jax.vjp(lambda p: embed(p, micro_images, micro_tokens), params)
-            (micro_grads,) = pullback((micro_d_image, micro_d_text))
+            (micro_grads,) = pullback(micro_d_cached)
             grads = jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads)
             return constrain(grads), None
 
         start = constrain(jax.tree.map(lambda g: g.astype(jnp.float32), head_grads))
-        grads, _ = jax.lax.scan(accumulate, start, (images, tokens, split(d_image), split(d_text)))
+        grads, _ = jax.lax.scan(
+            accumulate, start, (images, tokens, jax.tree.map(split, d_cached))
+        )
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return (loss, metrics), grads
 
@@ -255,12 +349,15 @@ def make_train_step(
     shardings: TrainState,
     *,
     microbatch_size: int | None = None,
+    word_starts: np.ndarray | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
     `microbatch_size` (global, `config.microbatch_size`): compute the gradients by
     GradCache over micro-batches of this size (see `make_loss_and_grads`); it must divide
     the global batch and be divisible by the devices of the batch axes.
+    `word_starts` (bool [vocab]): the tokenizer's word-start table, needed (only) by the
+    local alignment term `loss.local`; see `make_loss_and_grads`.
     """
     loss_and_grads = make_loss_and_grads(
         model,
@@ -268,6 +365,7 @@ def make_train_step(
         mesh,
         microbatch_size=microbatch_size,
         param_shardings=shardings.params,
+        word_starts=word_starts,
     )
 
     def train_step(state: TrainState, batch):

@@ -24,6 +24,12 @@ class TwoTower(nn.Module):
     scale used by the loss is `exp(log_scale)` clamped at `max_scale`. `bias` (initialised
     at `bias_init`) is used by the sigmoid loss. Without `image_projection` the image
     tower's pooled vector is the embedding (SigLIP's layout; its width must be `embed_dim`).
+
+    With `local_dim` (default None: no such parameters) two more projections map the image
+    tower's patch tokens and the text tower's token features into one space of `local_dim`
+    for the GLoRIA-style local alignment loss (`jaxmedclip.methods.local_alignment`); the
+    model's output then also holds `image_local` [B, P, local_dim] and `text_local`
+    [B, T, local_dim], not normalised (the loss takes cosines).
     """
 
     image_tower: nn.Module
@@ -35,6 +41,7 @@ class TwoTower(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     image_projection: bool = True
+    local_dim: int | None = None
 
     def setup(self):
         self.image_proj = None
@@ -53,6 +60,18 @@ class TwoTower(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=logical(dense_init, ("embed", "proj")),
         )
+        self.image_local_proj = self.text_local_proj = None
+        if self.local_dim is not None:
+            if self.local_dim <= 0:
+                raise ValueError(f"local_dim={self.local_dim} must be positive (None: off)")
+            local = lambda: nn.Dense(
+                self.local_dim,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=logical(dense_init, ("embed", "proj")),
+            )
+            self.image_local_proj, self.text_local_proj = local(), local()
         self.log_scale = self.param(
             "log_scale",
             logical(nn.initializers.constant(math.log(self.temperature_init)), ()),
@@ -81,9 +100,20 @@ class TwoTower(nn.Module):
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
         scale, bias = self.temperature()
+        if self.local_dim is None:
+            return {
+                "image_emb": self.encode_image(images),
+                "text_emb": self.encode_text(tokens),
+                "scale": scale,
+                "bias": bias,
+            }
+        image_emb, patches = self.encode_image(images, return_tokens=True)
+        text_emb, features = self.encode_text(tokens, return_tokens=True)
         return {
-            "image_emb": self.encode_image(images),
-            "text_emb": self.encode_text(tokens),
+            "image_emb": image_emb,
+            "text_emb": text_emb,
+            "image_local": self.image_local_proj(patches),
+            "text_local": self.text_local_proj(features),
             "scale": scale,
             "bias": bias,
         }

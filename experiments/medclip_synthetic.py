@@ -1,0 +1,31 @@
+"""tiny_synthetic with MedCLIP-style semantic matching: soft targets from label similarity.
+
+The target of image i over the reports j of the global batch is softmax_j(cos(labels_i,
+labels_j) / T) (`loss.targets="soft_labels"`, T = `loss.soft_target_temperature`), so
+two studies with the same findings are no longer pushed apart as negatives. Examples
+without any label (an all-blank row) keep a one-hot target. The batch's `labels`
+[b, 14] (1 / 0 / -1, blanks 0) come from the input pipeline.
+
+Everything else is tiny_synthetic's (loaded from the file beside this one, so the two
+stay in sync):
+
+python -m jaxmedclip.train --config experiments/medclip_synthetic.py --workdir /tmp/medclip
+python -m jaxmedclip.train --config experiments/medclip_synthetic.py:runlocal --workdir ...
+"""
+
+import os
+
+from jaxmedclip import config_lib
+
+BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py")
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(
+        arg, runlocal=False, loss_impl="all_gather", total_steps=1000, temperature=0.1
+    )
+    base_arg = f"runlocal={arg.runlocal},loss_impl={arg.loss_impl},total_steps={arg.total_steps}"
+    config = config_lib.load_config(f"{BASE}:{base_arg},targets=soft_labels")
+    # MedCLIP's semantic-matching temperature on the label cosines.
+    config.loss.soft_target_temperature = arg.temperature
+    return config
