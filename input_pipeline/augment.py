@@ -1,6 +1,6 @@
 """Training-time image augmentation inside the tf.data graph, stateless and batched.
 
-Every random number is a function of (seed, salt, global example position) only
+Every random number is a hash of (seed, salt, global example position) only
 (`uniform`), so a resumed run, or a run with another number of processes, draws exactly
 the same augmentation for the same example position.
 
@@ -10,7 +10,7 @@ Configured by `data.augment` (absent, None or all defaults: no augmentation):
     crop_aspect       (min, max) width / height of the crop, drawn log-uniformly
     rotation_degrees  rotation drawn uniformly from [-r, r]
     brightness        additive delta drawn from [-b, b] (on [0, 1] intensities)
-    contrast          factor drawn from [1 - c, 1 + c] around the image mean
+    contrast          factor drawn from [1 - c, 1 + c] around mid-grey 0.5
     gamma             exponent drawn from [1 - g, 1 + g]
     horizontal_flip   mirror half of the images (off: laterality is in the reports)
 
@@ -32,6 +32,7 @@ import tensorflow as tf
 SALT_GEOMETRY = 11
 SALT_PHOTOMETRIC = 12
 _UNIFORM_BITS = 24  # float32 holds every value of a 24-bit draw exactly.
+_WIDEST_PACKET = 16  # float32 lanes of the widest SIMD registers (AVX-512).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,21 +96,36 @@ class AugmentConfig:
 
 def uniform(seed: int, salt: int, positions: tf.Tensor, count: int) -> tf.Tensor:
     """float32 [N, count] in (0, 1): draw j of row i is a function of (seed, salt,
-    positions[i], j) only.
-
-    Stateless and batched: a keyed pseudo-random permutation (`RandomIndexShuffle`) of
-    the 24-bit integers, evaluated at j with the key (seed, salt, position).
-    """
+    positions[i], j) only (`keyed_uniform`)."""
     positions = tf.cast(tf.reshape(positions, [-1]), tf.int64)
     rows = tf.shape(positions)[0]
-    keys = tf.stack([tf.fill([rows], tf.constant(seed, tf.int64)),
-                     tf.fill([rows], tf.constant(salt, tf.int64)), positions], axis=1)
-    keys = tf.repeat(keys, count, axis=0)
-    draws = tf.raw_ops.RandomIndexShuffle(
-        index=tf.tile(tf.range(count, dtype=tf.int64), [rows]), seed=keys,
-        max_index=tf.constant(2**_UNIFORM_BITS - 1, tf.int64))
-    values = (tf.cast(draws, tf.float32) + 0.5) / 2**_UNIFORM_BITS
-    return tf.reshape(values, [rows, count])
+    draws = tf.tile(tf.range(count, dtype=tf.int64), [rows])
+    return tf.reshape(keyed_uniform(seed, salt, tf.repeat(positions, count), draws),
+                      [rows, count])
+
+
+def keyed_uniform(seed: int, salt: int, positions: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
+    """Elementwise float32 in (0, 1), a hash of (seed, salt, position, draw): stateless,
+    batched, and the same for an element whatever tensor it sits in.
+
+    SplitMix64's finaliser, chained over the four integers (uint64 arithmetic wraps).
+    """
+    xor = tf.bitwise.bitwise_xor
+    key = _mix64(xor(_mix64(tf.constant(seed, tf.uint64)), tf.constant(salt, tf.uint64)))
+    value = _mix64(xor(key, tf.bitcast(tf.cast(positions, tf.int64), tf.uint64)))
+    value = _mix64(xor(value, tf.bitcast(tf.cast(draws, tf.int64), tf.uint64)))
+    top = tf.bitwise.right_shift(value, tf.constant(64 - _UNIFORM_BITS, tf.uint64))
+    return (tf.cast(top, tf.float32) + 0.5) / 2**_UNIFORM_BITS
+
+
+def _mix64(x: tf.Tensor) -> tf.Tensor:
+    x = x + tf.constant(0x9E3779B97F4A7C15, tf.uint64)
+    xor, shift = tf.bitwise.bitwise_xor, tf.bitwise.right_shift
+    x = xor(x, shift(x, tf.constant(30, tf.uint64))) * tf.constant(0xBF58476D1CE4E5B9,
+                                                                   tf.uint64)
+    x = xor(x, shift(x, tf.constant(27, tf.uint64))) * tf.constant(0x94D049BB133111EB,
+                                                                   tf.uint64)
+    return xor(x, shift(x, tf.constant(31, tf.uint64)))
 
 
 def augment_images(images: tf.Tensor, positions: tf.Tensor, seed: int,
@@ -120,6 +136,24 @@ def augment_images(images: tf.Tensor, positions: tf.Tensor, seed: int,
     if config.photometric:
         images = _photometric(images, uniform(seed, SALT_PHOTOMETRIC, positions, 3), config)
     return images
+
+
+def rowwise(fn, x: tf.Tensor, *args: tf.Tensor) -> tf.Tensor:
+    """`fn(x, *args)` for a transcendental elementwise `fn` (exp, sin, pow...), each row
+    of x [N, ...] computed the same way whatever N is.
+
+    Eigen evaluates such functions with SIMD approximations, but the last elements of a
+    buffer that does not fill a SIMD register take a scalar path with slightly different
+    results; a row must not round differently because the batch around it is split over
+    more processes. Rows padded to whole registers always take the SIMD path. `args` are
+    per-row values [N] broadcast along the row.
+    """
+    rows = tf.shape(x)[0]
+    flat = tf.reshape(x, [rows, -1])
+    size = tf.shape(flat)[1]
+    padded = tf.pad(flat, [[0, 0], [0, (-size) % _WIDEST_PACKET]], constant_values=1.0)
+    out = fn(padded, *(a[:, None] for a in args))
+    return tf.reshape(out[:, :size], tf.shape(x))
 
 
 def _between(u: tf.Tensor, low: float, high: float) -> tf.Tensor:
@@ -135,7 +169,7 @@ def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Ten
     else:
         area = _between(u[:, 0], *config.crop_scale) * width * height
         log_aspect = _between(u[:, 1], *(math.log(a) for a in config.crop_aspect))
-        aspect = tf.exp(log_aspect)
+        aspect = rowwise(tf.exp, log_aspect)
         crop_w = tf.minimum(tf.sqrt(area * aspect), width)
         crop_h = tf.minimum(tf.sqrt(area / aspect), height)
     centre_x = crop_w / 2 + u[:, 2] * (width - crop_w)
@@ -144,7 +178,7 @@ def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Ten
     flip = tf.ones_like(angle)
     if config.horizontal_flip:
         flip = tf.where(u[:, 5] < 0.5, -1.0, 1.0)
-    cos, sin = tf.cos(angle), tf.sin(angle)
+    cos, sin = rowwise(tf.cos, angle), rowwise(tf.sin, angle)
     # Output pixel (x, y) has centre (x + 0.5, y + 0.5); its offset from the crop centre
     # is (du, dv) = (flip * ((x + 0.5) * sx - w / 2), (y + 0.5) * sy - h / 2), rotated
     # into the source; TensorFlow samples source pixel centres at integer coordinates.
@@ -160,17 +194,20 @@ def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Ten
 
 
 def _photometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
-    """Gamma, then contrast around the image mean, then brightness; clipped to [0, 1]."""
+    """Gamma, then contrast around mid-grey, then brightness; clipped to [0, 1].
+
+    Elementwise only: a per-image reduction (e.g. contrast around the image mean) is
+    summed in an order that depends on the batch shape, and the rows of one process's
+    batch must equal, bit for bit, the same rows of a batch split over more processes."""
     def per_image(values):
         return values[:, None, None, None]
 
     if config.gamma:
         gamma = _between(u[:, 0], 1 - config.gamma, 1 + config.gamma)
-        images = tf.pow(tf.clip_by_value(images, 0.0, 1.0), per_image(gamma))
+        images = rowwise(tf.pow, tf.clip_by_value(images, 0.0, 1.0), gamma)
     if config.contrast:
         factor = _between(u[:, 1], 1 - config.contrast, 1 + config.contrast)
-        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-        images = mean + per_image(factor) * (images - mean)
+        images = 0.5 + per_image(factor) * (images - 0.5)
     if config.brightness:
         images = images + per_image(_between(u[:, 2], -config.brightness, config.brightness))
     return tf.clip_by_value(images, 0.0, 1.0)

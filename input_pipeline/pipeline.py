@@ -9,7 +9,7 @@ Order. Records are read by index (ArrayRecord, `builder.as_data_source`). With N
 and global batch B, global batch k holds the positions [k*B, (k+1)*B) of a stream, and
 process p of P takes its contiguous `b = B / P` of them, [k*B + p*b, k*B + (p+1)*b).
 train=True: the stream is the epochs one after another, position t being record
-`shuffle(t mod N)` of epoch `t // N` (a keyed permutation of the (seed, epoch)), so the
+`permutation(t mod N)` of epoch `t // N` (numpy, seeded by (seed, epoch)), so the
 batches are a function of (seed, step) only: `start_step=k` starts at batch k at once,
 exactly where an uninterrupted run would be, and P processes read exactly the rows one
 process would. train=False: one pass in record order; positions past the end are padding
@@ -53,6 +53,7 @@ stops the iteration with an error naming the counts.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 
@@ -62,7 +63,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import synthetic_builder
-from input_pipeline.augment import AugmentConfig, augment_images, uniform
+from input_pipeline.augment import AugmentConfig, augment_images, keyed_uniform, uniform
 from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.tokenizer import Tokenizer, ensure_tokenizer, tensorflow_on_host
 
@@ -151,17 +152,13 @@ def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
         u = uniform(seed, SALT_SENTENCE_COUNT, positions, 1)[:, 0]
         keep = 1 + tf.cast(tf.floor(u * tf.cast(counts, tf.float32)), tf.int64)
     keep = tf.clip_by_value(keep, tf.minimum(counts, 1), counts)
-    # Slot of sentence j of row i: a keyed permutation of 0..count-1 per row.
+    # Sentences in the order of a random key per (seed, position, sentence index).
     row_of = sentences.value_rowids()
-    flat_positions = tf.gather(tf.cast(positions, tf.int64), row_of)
-    keys = tf.stack([tf.fill(tf.shape(row_of), tf.constant(seed, tf.int64)),
-                     tf.fill(tf.shape(row_of), tf.constant(SALT_SENTENCES, tf.int64)),
-                     flat_positions], axis=1)
     within = tf.range(tf.size(row_of, out_type=tf.int64)) - tf.gather(
         sentences.row_starts(), row_of)
-    slots = tf.raw_ops.RandomIndexShuffle(index=within, seed=keys,
-                                          max_index=tf.gather(counts, row_of) - 1)
-    order = tf.argsort(tf.gather(sentences.row_starts(), row_of) + slots, stable=True)
+    keys = keyed_uniform(seed, SALT_SENTENCES, tf.gather(tf.cast(positions, tf.int64), row_of),
+                         within)
+    order = tf.argsort(tf.cast(row_of, tf.float64) + tf.cast(keys, tf.float64), stable=True)
     shuffled = tf.RaggedTensor.from_row_splits(tf.gather(sentences.flat_values, order),
                                                sentences.row_splits)
     kept = tf.ragged.boolean_mask(
@@ -222,6 +219,36 @@ def record_source(builder: tfds.core.DatasetBuilder, split: str):
             "after deleting these records)") from None
 
 
+class EpochOrder:
+    """Position t of the training stream -> record `permutation(seed, t // N)[t % N]`.
+
+    The permutation of an epoch is numpy's (PCG64 seeded by (seed, salt, epoch)); the
+    last few are cached, so reading is O(1) per example after O(N) once per epoch.
+    """
+
+    def __init__(self, num_records: int, seed: int, cached_epochs: int = 3):
+        self.num_records, self.seed, self.cached_epochs = num_records, seed, cached_epochs
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._cache:
+                rng = np.random.default_rng([self.seed, SALT_ORDER, epoch])
+                self._cache[epoch] = rng.permutation(self.num_records)
+                while len(self._cache) > self.cached_epochs:
+                    self._cache.pop(min(self._cache))
+            return self._cache[epoch]
+
+    def records_at(self, positions: np.ndarray) -> np.ndarray:
+        epochs, within = np.divmod(positions, self.num_records)
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            rows = epochs == epoch
+            out[rows] = self.permutation(int(epoch))[within[rows]]
+        return out
+
+
 def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                  tokenizer: Tokenizer, split: str, *, global_batch_size: int, train: bool,
                  seed: int, process_index: int | None = None,
@@ -259,18 +286,15 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         raise ValueError(f"split {split!r} of {builder.name} is empty")
     local_batch_size = global_batch_size // process_count
     first = process_index * local_batch_size
+    order = EpochOrder(num_records, seed)
 
     def rows_of_step(step):
         positions = step * global_batch_size + first + tf.range(local_batch_size,
                                                                 dtype=tf.int64)
         if train:
-            epochs, within = positions // num_records, positions % num_records
-            keys = tf.stack([tf.fill([local_batch_size], tf.constant(seed, tf.int64)),
-                             tf.fill([local_batch_size], tf.constant(SALT_ORDER, tf.int64)),
-                             epochs], axis=1)
-            index = tf.raw_ops.RandomIndexShuffle(
-                index=within, seed=keys, max_index=tf.constant(num_records - 1, tf.int64))
             valid = tf.ones([local_batch_size], tf.bool)
+            index = tf.numpy_function(order.records_at, [positions], tf.int64, stateful=False,
+                                      name="example_order")
         else:
             valid = positions < num_records
             index = tf.where(valid, positions, 0)  # Padding rows read record 0, then zeroed.
