@@ -25,7 +25,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="train", help="split whose reports to train on")
     parser.add_argument("--out", default=None,
                         help="where to write the .model (default: beside the records)")
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; overrides look like "
+                         "--config.field=value")
+        overrides.append(item[len("--config."):])
 
     from input_pipeline import pipeline, tokenizer
     from jaxmedclip import config_lib

@@ -109,3 +109,56 @@ def test_light_modules_do_not_import_tensorflow():
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
     repo_root = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)
+
+
+def test_in_graph_equals_python_on_many_texts(model_path, reports):
+    import tensorflow as tf
+
+    sections = [part for r in reports[:200] for part in r.split("\n\n")]
+    edge_cases = ["", "   ", "\t\n", "Ünïcödé  ½ cm — opacity.", "A" * 2000,
+                  "no acute cardiopulmonary process. " * 40, "x", "Mild\u00a0edema."]
+    texts = reports + sections + edge_cases
+    for max_len in (2, 7, 48, 512):
+        tok = Tokenizer(model_path, max_len=max_len)
+        normalized, tokens = tok.tf_normalize_and_encode(tf.constant(texts))
+        np.testing.assert_array_equal(tokens.numpy(), tok.encode_batch(texts))
+        assert [t.decode() for t in normalized.numpy()] == [normalize_text(t) for t in texts]
+        rows = tokens.numpy()
+        lengths = np.count_nonzero(rows, axis=1)
+        assert (rows[:, 0] == BOS_ID).all()
+        assert (rows[np.arange(len(rows)), lengths - 1] == EOS_ID).all()  # EOS kept.
+        assert all((row[n:] == PAD_ID).all() for row, n in zip(rows, lengths, strict=True))
+        assert lengths.max() <= max_len
+
+
+def test_train_tokenizer_entry(tmp_path):
+    import ml_collections
+
+    from input_pipeline import pipeline, train_tokenizer
+
+    experiment = tmp_path / "experiment.py"
+    experiment.write_text(
+        "import ml_collections\n\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict(dict(data=dict(\n"
+        f"        name='synthetic_cxr', data_dir={str(tmp_path / 'tfds')!r},\n"
+        "        synthetic=dict(num_train=24, num_validation=4, num_test=4,\n"
+        "                       source_image_size=16, seed=0),\n"
+        "        max_text_len=32, vocab_size=200, tokenizer_type='bpe')))\n")
+    out = tmp_path / "out" / "spm.model"
+    train_tokenizer.main(["--config", str(experiment), "--out", str(out), "--split", "test"])
+    assert Tokenizer(str(out), max_len=8).vocab_size <= 200
+    train_tokenizer.main(["--config", str(experiment), "--config.data.vocab_size=150"])
+    # The default --out is where prepare looks: the tokenizer is reused, not retrained.
+    data = ml_collections.ConfigDict(dict(
+        name="synthetic_cxr", data_dir=str(tmp_path / "tfds"), max_text_len=32,
+        vocab_size=150, tokenizer_type="bpe",
+        synthetic=dict(num_train=24, num_validation=4, num_test=4, source_image_size=16,
+                       seed=0)))
+    builder = pipeline.synthetic_builder.build(data)
+    path = tokenizer.tokenizer_path(data, builder)
+    stamp = pathlib.Path(path).stat().st_mtime_ns
+    assert tokenizer.ensure_tokenizer(data, builder).model_path == path
+    assert pathlib.Path(path).stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="split 'nope'"):
+        train_tokenizer.main(["--config", str(experiment), "--split", "nope"])
