@@ -1,6 +1,7 @@
 """End-to-end training on the synthetic data: learning, resume after preemption, NaN stop."""
 
 import json
+import logging
 import os
 import signal
 
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmedclip import checkpointing, config_lib, train
+from jaxmedclip import checkpointing, config_lib, flops, train
 
 TINY = "experiments/tiny_synthetic.py:runlocal"
 
@@ -116,3 +117,143 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     assert manager.latest_step() == 2
     state, _ = checkpointing.restore(manager, setup.abstract_state, setup.shardings)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def _final_params(workdir, config):
+    setup = train.build(config)
+    manager = checkpointing.make_manager(str(workdir))
+    state, step = checkpointing.restore(manager, setup.abstract_state, setup.shardings)
+    manager.close()
+    return step, [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in _metrics(workdir) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_data_fsdp_mesh_trains_like_data_parallel(data_dir, tmp_path):
+    """(data=4, fsdp=2) and (data=8) in one process: same losses and parameters.
+
+    Tolerance: losses rtol 1e-5, parameters atol 1e-5 after 6 AdamW steps (float32; the
+    two layouts only change the order of the gradient reductions).
+    """
+    overrides = ("total_steps=6", "log_every=1", "optim.warmup_steps=2")
+    runs = {}
+    for name, mesh in (
+        ("data8", ("mesh.data=8",)),
+        ("data4_fsdp2", ("mesh.data=4", "mesh.fsdp=2")),
+    ):
+        config = _config(data_dir, *overrides, *mesh)
+        train.train(config, str(tmp_path / name))
+        runs[name] = (_losses(tmp_path / name), _final_params(tmp_path / name, config))
+    (losses_a, (step_a, params_a)), (losses_b, (step_b, params_b)) = runs.values()
+    assert sorted(losses_a) == sorted(losses_b) == list(range(1, 7))
+    np.testing.assert_allclose(
+        [losses_b[s] for s in range(1, 7)], [losses_a[s] for s in range(1, 7)], rtol=1e-5
+    )
+    assert step_a == step_b == 6
+    for a, b in zip(params_a, params_b, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def _damage_checkpoint(step_dir):
+    for root, _, names in os.walk(os.path.join(step_dir, "state")):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.slow  # tests/test_checkpointing.py covers the fallback itself in seconds.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupted_latest_checkpoint_falls_back_and_changed_batch_is_refused(
+    data_dir, tmp_path, caplog
+):
+    overrides = ("log_every=1", "checkpoint_every=2", "optim.warmup_steps=2")
+    workdir = str(tmp_path)
+    train.train(_config(data_dir, "total_steps=6", *overrides), workdir)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
+    _damage_checkpoint(tmp_path / "checkpoints" / "6")
+
+    with caplog.at_level(logging.INFO, logger="jaxmedclip"):
+        train.train(_config(data_dir, "total_steps=8", *overrides), workdir)
+    assert "checkpoint step 6" in caplog.text and "unreadable" in caplog.text
+    assert "resuming from checkpoint step 4" in caplog.text
+    steps = [r["step"] for r in _metrics(workdir)]
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # Steps 5 and 6 again, from step 4.
+    # The damaged step is kept aside; retention counted only readable checkpoints.
+    assert os.listdir(tmp_path / "checkpoints_unreadable") == ["6"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6", "8"]
+
+    config = _config(data_dir, "total_steps=10", "global_batch_size=64", *overrides)
+    with pytest.raises(checkpointing.ResumeError, match="global_batch_size=32 in the checkpoint"):
+        train.train(config, workdir)
+
+
+def test_best_checkpoint_is_kept_besides_the_last(data_dir, tmp_path, monkeypatch):
+    auc = {2: 0.61, 4: 0.83, 6: 0.72, 8: 0.70}
+    calls = []
+
+    def evaluate(
+        config, model, params, mesh, builder, tokenizer, split, workdir, *, step, prefix, embedder
+    ):
+        calls.append(step)
+        return {f"{prefix}zero_shot_mean_auc": auc[step]}
+
+    monkeypatch.setattr(train.evaluation, "evaluate", evaluate)
+    config = _config(data_dir, "total_steps=8", "log_every=4", "eval.every_steps=2")
+    config.checkpoint_keep = 1
+    config.checkpoint_best_metric = "eval/zero_shot_mean_auc"
+    train.train(config, str(tmp_path))
+    assert calls == [2, 4, 6, 8]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+    manager = checkpointing.make_manager(
+        str(tmp_path), checkpointing.CheckpointPolicy.from_config(config)
+    )
+    assert manager.best_step() == 4
+    manager.close()
+
+
+def _restore_logging():
+    logger = logging.getLogger("jaxmedclip")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+
+    def restore():
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+    return restore
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TINY,
+        # The real recipe (ViT-B/16 at 224, 12-layer text tower, global batch 4096), unchanged
+        # but for the mesh: ~35 s to compile on an idle 2-core CPU.
+        pytest.param("experiments/vit_b16_mimic.py", marks=pytest.mark.slow),
+    ],
+)
+def test_compile_only_prints_memory_and_flops_without_data(spec, tmp_path, capsys):
+    restore = _restore_logging()
+    try:
+        train.main(
+            ["--config", spec, "--workdir", str(tmp_path), "--compile_only", "--config.mesh.data=8"]
+        )
+    finally:
+        restore()
+    out = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    assert out["mesh"] == "data=8 fsdp=1 tensor=1"
+    for key in (
+        "argument_gib_per_device",
+        "temp_gib_per_device",
+        "output_gib_per_device",
+        "peak_gib_per_device",
+        "model_tflops_per_device",
+        "xla_tflops_per_device",
+    ):
+        assert float(out[key]) > 0, key
+    config = config_lib.config_from_flags(spec, ["mesh.data=8"])
+    expected = flops.train_flops_per_step(config) / 8 / 1e12
+    np.testing.assert_allclose(float(out["model_tflops_per_device"]), expected, rtol=1e-3)
+    assert not os.listdir(tmp_path)  # Nothing written, no dataset needed.
