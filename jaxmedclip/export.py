@@ -266,7 +266,7 @@ def export(
     hf_conf = hf_config(config, fmt, scale)
     model = getattr(tf_hf, HF_CLASSES[fmt])(hf_conf)
     result = model.load_state_dict(
-        {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False
+        {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=False
     )
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(

@@ -61,11 +61,10 @@ SIGLIP = Layout(
     head_extra=_siglip_head_bias,
 )
 
-# Inside VisionTextDualEncoderModel a CLIP or SigLIP vision model keeps its own
-# `vision_model.` level; ViTModel has none.
+# Where VisionTextDualEncoderModel keeps each vision model's tensors (transformers 5).
 DUAL_VISION_PREFIX = {
-    "clip_vision": "vision_model.vision_model.",
-    "siglip_vision": "vision_model.vision_model.",
+    "clip_vision": "vision_model.",
+    "siglip_vision": "vision_model.",
     "vit": "vision_model.",
 }
 
