@@ -399,9 +399,9 @@ def _batch_parser(features: tfds.features.FeaturesDict):
         if any(d is None for d in info.shape):
             raise ValueError(f"feature {key!r} has the variable shape {info.shape}; the "
                              "pipeline reads fixed-shape features only")
-        if info.dtype == np.object_ or tf.as_dtype(info.dtype) == tf.string:
+        if info.tf_dtype == tf.string:
             dtype = tf.string
-        elif tf.as_dtype(info.dtype).is_floating:
+        elif info.tf_dtype.is_floating:
             dtype = tf.float32
         else:
             dtype = tf.int64
@@ -411,7 +411,7 @@ def _batch_parser(features: tfds.features.FeaturesDict):
         example = tf.io.parse_example(serialized, specs)
         out = {"image": example.pop("image")}
         for key, value in example.items():
-            value = tf.cast(value, tf.as_dtype(infos[key].dtype))
+            value = tf.cast(value, infos[key].tf_dtype)
             out[key] = features[key].decode_batch_example(value)
         return out
 

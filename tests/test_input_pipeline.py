@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from input_pipeline import pipeline, synthetic_builder, synthetic_cxr, tokenizer
@@ -254,3 +255,166 @@ def test_image_preprocess_accepts_16_bit(config):
     Image.fromarray(image).save(buffer, format="PNG")
     out = pipeline.image_preprocess(tf.constant(buffer.getvalue()), config).numpy()
     np.testing.assert_allclose(out[..., 0], (image / 65535 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_text_sections_fall_back_to_the_other_one():
+    findings = tf.constant(["Heart is normal.", "", "Small effusion."])
+    impression = tf.constant(["No acute process.", "Cardiomegaly.", ""])
+
+    def texts(source):
+        return [t.decode() for t in pipeline.select_text(findings, impression, source).numpy()]
+
+    assert texts("report") == texts("both") == [
+        "Heart is normal. No acute process.", "Cardiomegaly.", "Small effusion."]
+    assert texts("findings") == ["Heart is normal.", "Cardiomegaly.", "Small effusion."]
+    assert texts("impression") == ["No acute process.", "Cardiomegaly.", "Small effusion."]
+
+
+def test_sentences_are_a_seeded_shuffled_subset():
+    report = "Heart is normal. No effusion. Lungs are clear! Is it edema? Tube in place."
+    sentences = ["Heart is normal.", "No effusion.", "Lungs are clear!", "Is it edema?",
+                 "Tube in place."]
+    assert [s.decode() for s in pipeline.split_sentences(tf.constant([report]))[0].numpy()] \
+        == sentences
+    texts = tf.constant([report] * 40 + ["Single sentence.", ""])
+    positions = tf.range(42, dtype=tf.int64)
+
+    def choose(**kwargs):
+        return [t.decode() for t in pipeline.select_sentences(texts, positions, 0, **kwargs)
+                .numpy()]
+
+    two = choose(num_sentences=2)
+    assert two == choose(num_sentences=2)  # A function of (seed, position).
+    assert two[-2:] == ["Single sentence.", ""]
+    def split(text):
+        return [p.decode() for p in pipeline.split_sentences(tf.constant([text]))[0].numpy()]
+
+    picked = [tuple(split(t)) for t in two[:40]]
+    assert all(len(p) == 2 for p in picked) and len(set(picked)) > 10
+    for text in two[:40] + choose()[:40] + choose(sentence_fraction=0.5)[:40]:
+        parts = split(text)
+        assert set(parts) <= set(sentences) and len(set(parts)) == len(parts)
+    assert {len(split(t)) for t in choose(sentence_fraction=0.5)[:40]} == {3}
+    assert len({len(split(t)) for t in choose()[:40]}) > 2
+    other = [t.decode() for t in pipeline.select_sentences(texts, positions, 1,
+                                                            num_sentences=2).numpy()]
+    assert other != two
+
+
+class BadRecords(tfds.core.GeneratorBasedBuilder):
+    """Records in the pipeline's schema (16-bit PNGs, has_report) with broken examples:
+    truncated, corrupted and non-PNG images, empty reports, has_report False."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        from etils import epath
+
+        return epath.Path(__file__)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint16,
+                                         encoding_format="png"),
+            "view": tfds.features.Text(), "study_id": tfds.features.Text(),
+            "patient_id": tfds.features.Text(), "report": tfds.features.Text(),
+            "findings": tfds.features.Text(), "impression": tfds.features.Text(),
+            "labels": tfds.features.Tensor(shape=(NUM_FINDINGS,), dtype=np.float32),
+            "has_report": tfds.features.Scalar(dtype=np.bool_),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(BAD_RECORDS):
+            pixels = (np.arange(48 * 40).reshape(48, 40, 1) * (i + 1) * 7).astype(np.uint16)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels[..., 0]).save(buffer, format="PNG")
+            image = buffer.getvalue()
+            findings, has_report = f"Finding number {i}.", True
+            if i == 3:
+                image = image[: len(image) // 2]  # Truncated.
+            elif i == 5:
+                image = image[:60] + bytes([image[60] ^ 0xFF]) + image[61:]  # Bad CRC.
+            elif i == 7:
+                image = b"\xff\xd8\xff\xe0 not a png"
+            elif i == 9:
+                findings = "  "
+            elif i == 11:
+                has_report = False
+            yield i, {"image": image, "view": "PA", "study_id": f"s{i}", "patient_id": "p",
+                      "report": findings, "findings": findings,
+                      "impression": "" if i == 9 else f"Impression {i}." * (i != 9),
+                      "labels": np.full(NUM_FINDINGS, np.nan, np.float32),
+                      "has_report": has_report}
+
+
+BAD_RECORDS = 16
+BAD_ROWS = {3, 5, 7, 9, 11}
+BAD_IMAGES = {3, 5, 7}
+
+
+@pytest.fixture(scope="module")
+def bad_records(tmp_path_factory, prepared):
+    builder = BadRecords(data_dir=str(tmp_path_factory.mktemp("bad")))
+    builder.download_and_prepare(file_format="array_record")
+    return builder, prepared[1]
+
+
+def test_png_check():
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buffer, format="PNG")
+    good = buffer.getvalue()
+    assert pipeline.png_is_intact(good)
+    assert not pipeline.png_is_intact(good[:-1]) and not pipeline.png_is_intact(b"")
+    assert not pipeline.png_is_intact(good + b"trailing")
+    assert not pipeline.png_is_intact(good[:20] + bytes([good[20] ^ 0xFF]) + good[21:])
+
+
+def test_bad_examples_are_masked_and_counted(bad_records, config):
+    builder, tok = bad_records
+    cfg = data_config(config.data_dir, image_size=16, max_bad_fraction=0.5)
+    train = pipeline.make_dataset(cfg, builder, tok, "train", global_batch_size=BAD_RECORDS,
+                                  train=True, seed=0, process_index=0, process_count=1)
+    source = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+    # TFDS stores records in an order of its own: example i is the one with study s{i}.
+    example_of_record = np.array([int(source[r]["study_id"][1:]) for r in range(len(source))])
+    order = pipeline.EpochOrder(BAD_RECORDS, 0)
+    for step, batch in enumerate(train.take(2).as_numpy_iterator()):
+        records = order.records_at(np.arange(BAD_RECORDS) + step * BAD_RECORDS)
+        bad = np.isin(example_of_record[records], list(BAD_ROWS))
+        np.testing.assert_array_equal(batch["num_skipped"], bad.astype(np.int32))
+        np.testing.assert_array_equal(batch["mask"], ~bad)
+        assert not batch["image"][bad].any() and not batch["tokens"][bad].any()
+        assert batch["image"][~bad].std(axis=(1, 2, 3)).min() > 0.1  # 16-bit decoded.
+    # Evaluation keeps empty texts (image-only data is still scored); bad images skipped.
+    [evaluation] = eval_batches(cfg, builder, tok, split="train",
+                                global_batch_size=BAD_RECORDS)
+    bad = np.isin(example_of_record, list(BAD_IMAGES))
+    np.testing.assert_array_equal(evaluation["num_skipped"], bad.astype(np.int32))
+    np.testing.assert_array_equal(evaluation["mask"], ~bad)
+    empty = np.isin(example_of_record, [9, 11])
+    assert (evaluation["text"][empty | bad] == b"").all()
+    assert (evaluation["text"][~(empty | bad)] != b"").all()
+
+
+def test_too_many_bad_examples_stop_with_the_count(bad_records, config):
+    builder, tok = bad_records
+    cfg = data_config(config.data_dir, image_size=16, max_bad_fraction=0.2)
+    train = pipeline.make_dataset(cfg, builder, tok, "train", global_batch_size=8,
+                                  train=True, seed=0, process_index=0, process_count=1)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"5 of the 16 examples .*data.max_bad_fraction=0.2"):
+        list(train.take(4).as_numpy_iterator())
+
+
+def test_tfrecord_datasets_are_refused_with_a_remedy(tmp_path, prepared):
+    builder = BadRecords(data_dir=str(tmp_path))
+    builder.download_and_prepare()  # TFRecord, the TFDS default.
+    with pytest.raises(ValueError, match="array_record"):
+        pipeline.make_dataset(data_config(tmp_path), builder, prepared[1], "train",
+                              global_batch_size=4, train=True, seed=0, process_index=0,
+                              process_count=1)
