@@ -178,6 +178,17 @@ def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Ten
     flip = tf.ones_like(angle)
     if config.horizontal_flip:
         flip = tf.where(u[:, 5] < 0.5, -1.0, 1.0)
+    if not config.rotation_degrees:
+        # Crop (and flip) alone: crop_and_resize is several times faster than the general
+        # projective resampling. Box corners are the outermost pixel centres, normalised.
+        x0 = (centre_x - crop_w / 2 + 0.5 * crop_w / width - 0.5) / (width - 1)
+        x1 = (centre_x + crop_w / 2 - 0.5 * crop_w / width - 0.5) / (width - 1)
+        y0 = (centre_y - crop_h / 2 + 0.5 * crop_h / height - 0.5) / (height - 1)
+        y1 = (centre_y + crop_h / 2 - 0.5 * crop_h / height - 0.5) / (height - 1)
+        x0, x1 = tf.where(flip < 0, x1, x0), tf.where(flip < 0, x0, x1)
+        return tf.image.crop_and_resize(
+            images, tf.stack([y0, x0, y1, x1], axis=1), tf.range(tf.shape(images)[0]),
+            tf.shape(images)[1:3], method="bilinear")
     cos, sin = rowwise(tf.cos, angle), rowwise(tf.sin, angle)
     # Output pixel (x, y) has centre (x + 0.5, y + 0.5); its offset from the crop centre
     # is (du, dv) = (flip * ((x + 0.5) * sx - w / 2), (y + 0.5) * sy - h / 2), rotated
@@ -204,7 +215,9 @@ def _photometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.T
 
     if config.gamma:
         gamma = _between(u[:, 0], 1 - config.gamma, 1 + config.gamma)
-        images = rowwise(tf.pow, tf.clip_by_value(images, 0.0, 1.0), gamma)
+        # exp(gamma * log x): Eigen vectorises exp and log, not pow (several times slower).
+        images = rowwise(lambda x, g: tf.exp(g * tf.math.log(x)),
+                         tf.clip_by_value(images, 0.0, 1.0), gamma)
     if config.contrast:
         factor = _between(u[:, 1], 1 - config.contrast, 1 + config.contrast)
         images = 0.5 + per_image(factor) * (images - 0.5)

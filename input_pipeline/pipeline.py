@@ -52,6 +52,7 @@ stops the iteration with an error naming the counts.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import zlib
@@ -219,6 +220,41 @@ def record_source(builder: tfds.core.DatasetBuilder, split: str):
             "after deleting these records)") from None
 
 
+class RecordReader:
+    """The serialized records of a split by index, read in batches straight from the
+    ArrayRecord shards (one reader per shard, opened on first use)."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        record_source(builder, split)  # Refuses other formats with a remedy.
+        from array_record.python import array_record_module
+
+        self._open = array_record_module.ArrayRecordReader
+        shards = builder.info.splits[split].file_instructions
+        self._files = [os.fspath(shard.filename) for shard in shards]
+        self._skips = np.array([shard.skip for shard in shards], np.int64)
+        self._starts = np.cumsum([0] + [shard.take for shard in shards])
+        self._readers: list = [None] * len(shards)
+        self._locks = [threading.Lock() for _ in shards]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """object [N] of bytes: records `indices` of the split."""
+        indices = np.asarray(indices, np.int64)
+        shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+        out = np.empty(len(indices), dtype=object)
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            positions = indices[rows] - self._starts[shard] + self._skips[shard]
+            with self._locks[shard]:  # One read at a time per reader.
+                if self._readers[shard] is None:
+                    self._readers[shard] = self._open(self._files[shard],
+                                                      "readahead_buffer_size:0")
+                out[rows] = self._readers[shard].read(positions.tolist())
+        return out
+
+
 class EpochOrder:
     """Position t of the training stream -> record `permutation(seed, t // N)[t % N]`.
 
@@ -280,7 +316,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     if missing:
         raise ValueError(f"{builder.name} records lack the features {missing}")
 
-    source = record_source(builder, split)
+    source = RecordReader(builder, split)
     num_records = len(source)
     if num_records == 0:
         raise ValueError(f"split {split!r} of {builder.name} is empty")
@@ -298,9 +334,8 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         else:
             valid = positions < num_records
             index = tf.where(valid, positions, 0)  # Padding rows read record 0, then zeroed.
-        serialized = tf.numpy_function(
-            lambda keys: np.array(source.__getitems__(keys.tolist()), dtype=object),
-            [index], tf.string, stateful=False, name="read_records")
+        serialized = tf.numpy_function(source.read, [index], tf.string, stateful=False,
+                                       name="read_records")
         serialized.set_shape([local_batch_size])
         return {"position": positions, "serialized": serialized, "valid": valid}
 
