@@ -41,7 +41,7 @@ EXTRAS = {
     # The lower bound is loose on purpose: a machine's preinstalled CPU build is kept.
     "torch": [
         "torch>=2.4",
-        "transformers>=4.45,<6",
+        "transformers>=5.24,<6",
         "safetensors>=0.4,<1",
     ],
 }

@@ -96,7 +96,7 @@ def to_hf(flat: Mapping[str, Array], rules: list[Rule]) -> dict[str, Array]:
         for rule in rules:
             theirs = rule.match_ours(name)
             if theirs is not None:
-                out[theirs] = np.ascontiguousarray(rule.hook.to_hf(np.asarray(value)))
+                out[theirs] = np.array(rule.hook.to_hf(np.asarray(value)), order="C")
                 break
         else:
             problems.append(f"{name} {tuple(np.shape(value))}: no rule maps it")

@@ -174,13 +174,19 @@ VIT = TowerTable(
             Rule("cls", "embeddings.cls_token"),
             Rule("pos_embed", "embeddings.position_embeddings"),
         ]
+        # The names ViT checkpoints have on disk (transformers 5 renames them when loading).
         + _blocks(
-            "layers.{i}.",
+            "encoder.layer.{i}.",
             "layernorm_before",
-            ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
+            (
+                "attention.attention.query",
+                "attention.attention.key",
+                "attention.attention.value",
+                "attention.output.dense",
+            ),
             "layernorm_after",
-            "mlp.fc1",
-            "mlp.fc2",
+            "intermediate.dense",
+            "output.dense",
         )
         + _norm("encoder/final_norm", "layernorm")
     ),

@@ -1,0 +1,235 @@
+"""Import of Hugging Face weights into our towers (`jaxmedclip.convert.load_pretrained`)."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from jaxmedclip import convert, models  # noqa: E402
+from jaxmedclip.convert import rules  # noqa: E402
+
+SIZE, MAX_LEN, VOCAB, WIDTH = 32, 16, 64, 32
+DIMS = dict(
+    hidden_size=WIDTH,
+    intermediate_size=4 * WIDTH,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
+VISION = dict(DIMS, image_size=SIZE, patch_size=8, num_channels=1)
+TEXT = dict(
+    DIMS,
+    vocab_size=VOCAB,
+    max_position_embeddings=MAX_LEN,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=3,
+)
+
+
+def our_model(image=None, text=None, scan=False):
+    model = ml_collections.ConfigDict(
+        dict(
+            name="two_tower",
+            embed_dim=24,
+            dtype="float32",
+            param_dtype="float32",
+            remat=False,
+            scan_layers=scan,
+            temperature_init=10.0,
+            max_scale=100.0,
+            bias_init=-10.0,
+            image=dict(
+                name="vit",
+                patch_size=8,
+                width=WIDTH,
+                depth=2,
+                num_heads=2,
+                mlp_ratio=4.0,
+                pool="cls",
+                num_channels=1,
+            )
+            | (image or {}),
+            text=dict(
+                name="transformer",
+                variant="causal",
+                width=WIDTH,
+                depth=2,
+                num_heads=2,
+                mlp_ratio=4.0,
+            )
+            | (text or {}),
+        )
+    )
+    data = ml_collections.ConfigDict(dict(image_size=SIZE, vocab_size=VOCAB, max_text_len=MAX_LEN))
+    module = models.build_model(model, data)
+    variables = module.init(
+        jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)), jnp.zeros((1, MAX_LEN), jnp.int32)
+    )
+    return module, nn.unbox(variables["params"])
+
+
+def save_random(hf_model, folder):
+    """Random init plus noise (HF zero-initialises biases), saved as safetensors."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf_model.eval().save_pretrained(folder, safe_serialization=True)
+    return hf_model
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 1, SIZE, SIZE)).astype(np.float32)
+    tokens = np.zeros((8, MAX_LEN), np.int64)
+    for row, n in zip(tokens, rng.integers(0, MAX_LEN - 2, 8), strict=True):
+        row[: n + 2] = [2, *rng.integers(4, VOCAB, n), 3]
+    return images, tokens
+
+
+def towers_out(module, params, images, tokens):
+    pooled_image, _ = module.apply(
+        {"params": params},
+        jnp.asarray(images.transpose(0, 2, 3, 1)),
+        method=lambda m, x: m.image_tower(x),
+    )
+    pooled_text, _ = module.apply(
+        {"params": params}, jnp.asarray(tokens, jnp.int32), method=lambda m, t: m.text_tower(t)
+    )
+    return np.asarray(pooled_image), np.asarray(pooled_text)
+
+
+def close(a, b):
+    np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_clip_import_gives_same_tower_outputs(scan, tmp_path):
+    hf = save_random(
+        transformers.CLIPModel(
+            transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)
+        ),
+        tmp_path,
+    )
+    module, params = our_model(image=dict(pre_norm=True), scan=scan)
+    params = convert.load_pretrained(params, str(tmp_path), towers=("image", "text"))
+    images, tokens = inputs()
+    ours_image, ours_text = towers_out(module, params, images, tokens)
+    with torch.no_grad():
+        close(ours_image, hf.vision_model(pixel_values=torch.from_numpy(images)).pooler_output)
+        mask = torch.from_numpy(tokens != 0).long()
+        close(
+            ours_text,
+            hf.text_model(input_ids=torch.from_numpy(tokens), attention_mask=mask).pooler_output,
+        )
+
+
+def test_siglip_vit_and_bert_import(tmp_path):
+    images, tokens = inputs()
+    mask = torch.from_numpy(tokens != 0).long()
+    siglip = save_random(
+        transformers.SiglipModel(transformers.SiglipConfig(text_config=TEXT, vision_config=VISION)),
+        tmp_path / "siglip",
+    )
+    module, params = our_model(
+        image=dict(pool="map"), text=dict(variant="bidirectional", pool="last")
+    )
+    params = convert.load_pretrained(params, str(tmp_path / "siglip"))
+    ours_image, ours_text = towers_out(module, params, images, tokens)
+    with torch.no_grad():
+        close(ours_image, siglip.vision_model(pixel_values=torch.from_numpy(images)).pooler_output)
+        hidden = siglip.text_model(input_ids=torch.from_numpy(tokens), attention_mask=mask)
+        close(ours_text, hidden.last_hidden_state[:, -1])
+
+    vit = save_random(transformers.ViTModel(transformers.ViTConfig(**VISION)), tmp_path / "vit")
+    bert = save_random(
+        transformers.BertModel(
+            transformers.BertConfig(
+                **{
+                    k: v
+                    for k, v in TEXT.items()
+                    if not k.endswith(("bos_token_id", "eos_token_id"))
+                }
+            )
+        ),
+        tmp_path / "bert",
+    )
+    module, params = our_model(text=dict(variant="bidirectional", layout="bert"))
+    params = convert.load_pretrained(params, str(tmp_path / "vit"), towers=("image",))
+    params = convert.load_pretrained(params, str(tmp_path / "bert"), towers="text")
+    ours_image, ours_text = towers_out(module, params, images, tokens)
+    with torch.no_grad():
+        out = vit(pixel_values=torch.from_numpy(images))
+        close(ours_image, out.last_hidden_state[:, 0])  # ViTModel's output is normed.
+        close(
+            ours_text, bert(input_ids=torch.from_numpy(tokens), attention_mask=mask).pooler_output
+        )
+
+
+def test_mismatches_are_listed_together(tmp_path):
+    save_random(
+        transformers.CLIPModel(
+            transformers.CLIPConfig(
+                text_config=TEXT,
+                vision_config=dict(VISION, hidden_size=48, intermediate_size=96),
+                projection_dim=24,
+            )
+        ),
+        tmp_path,
+    )
+    _, params = our_model()  # No pre_norm, and a 32-wide vision tower.
+    with pytest.raises(convert.ConversionError) as error:
+        convert.load_pretrained(params, str(tmp_path), towers=("image",))
+    message = str(error.value)
+    assert "pre_layrnorm.weight" in message and "not in our model" in message
+    assert "encoder.layers.1.mlp.fc2.weight (48, 96)" in message
+    assert "model.image.pre_norm=True" in message
+    assert len(error.value.problems) > 20
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")
+    _, params = our_model()
+    with pytest.raises(ValueError, match="pickled weights.*safetensors"):
+        convert.load_pretrained(params, str(tmp_path), towers=("text",))
+
+
+def test_rules_round_trip_without_torch():
+    from jaxmedclip import export
+
+    config = ml_collections.ConfigDict(
+        dict(
+            loss=dict(name="softmax"), data=dict(image_size=SIZE, vocab_size=VOCAB, max_text_len=16)
+        )
+    )
+    for image, text in [
+        (dict(pre_norm=True), {}),
+        (dict(pool="map"), dict(variant="bidirectional", layout="bert")),
+    ]:
+        _, params = our_model(image=image, text=text)
+        config.model = ml_collections.ConfigDict(
+            dict(image=dict(name="vit", pool="cls") | image, text=dict(variant="causal") | text)
+        )
+        table = export.vision_table(config)
+        flat = rules.unstack_layers(rules.flatten(params["image_tower"]))
+        theirs = rules.to_hf(table.export_ours(flat), list(table.rules))
+        back = rules.from_hf(
+            table.import_theirs(theirs),
+            list(table.rules),
+            {k: np.shape(v) for k, v in flat.items()},
+        )
+        for name, value in flat.items():
+            if name == "patch_embed/bias" and table.kind == "clip_vision":
+                continue  # Folded into the positions.
+            np.testing.assert_array_equal(back[name], value, err_msg=name)
