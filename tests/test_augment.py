@@ -78,8 +78,8 @@ def test_crop_zooms_in():
 def test_horizontal_flip_mirrors_some_images_exactly():
     x = images(32)
     out = augment_images(x, tf.range(32), 0, AugmentConfig(horizontal_flip=True)).numpy()
-    flipped = [np.allclose(o, xi[:, ::-1], atol=1e-6) for o, xi in zip(out, x.numpy())]
-    kept = [np.allclose(o, xi, atol=1e-6) for o, xi in zip(out, x.numpy())]
+    flipped = [np.allclose(o, xi[:, ::-1], atol=1e-6) for o, xi in zip(out, x.numpy(), strict=True)]
+    kept = [np.allclose(o, xi, atol=1e-6) for o, xi in zip(out, x.numpy(), strict=True)]
     assert all(f != k for f, k in zip(flipped, kept, strict=True))
     assert 4 < sum(flipped) < 28
 
