@@ -8,6 +8,49 @@ import ml_collections
 
 from jaxmedclip import config_lib, evaluation
 
+SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
+    "no_finding": (
+        ("no acute cardiopulmonary process.", "the lungs are clear."),
+        ("cardiomegaly.", "pleural effusion.", "pneumothorax.", "pulmonary edema.",
+         "focal consolidation.", "airspace opacity.", "support devices in standard position."),
+    ),
+    "cardiomegaly": (
+        ("the heart is enlarged.", "there is moderate cardiomegaly.", "cardiomegaly."),
+        ("heart size is normal.", "the heart is not enlarged.",
+         "the cardiac silhouette is normal in size."),
+    ),
+    "lung_opacity": (
+        ("there is a moderate-sized airspace opacity.", "large opacity in the lower lobe.",
+         "upper lobe opacity."),
+        ("the lungs are clear.", "no focal opacity."),
+    ),
+    "edema": (
+        ("moderate pulmonary edema.", "there is mild interstitial pulmonary edema.",
+         "pulmonary edema."),
+        ("no pulmonary edema.", "there is no pulmonary edema."),
+    ),
+    "consolidation": (
+        ("there is focal consolidation in the lower lobe.", "dense lower lobe consolidation.",
+         "consolidation."),
+        ("no focal consolidation.", "the lungs are clear without focal consolidation."),
+    ),
+    "pneumothorax": (
+        ("there is a small pneumothorax.", "moderate apical pneumothorax with a visible pleural "
+         "line.", "large pneumothorax."),
+        ("no pneumothorax.", "there is no pneumothorax."),
+    ),
+    "pleural_effusion": (
+        ("there is a moderate pleural effusion.", "small pleural effusion.",
+         "bilateral pleural effusions."),
+        ("no pleural effusion.", "there is no pleural effusion."),
+    ),
+    "support_devices": (
+        ("endotracheal tube terminates above the carina.", "nasogastric tube tip is in the "
+         "stomach.", "support devices in standard position."),
+        ("the lungs are clear.", "no acute cardiopulmonary process."),
+    ),
+}
+
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(
@@ -19,6 +62,12 @@ def get_config(arg=None):
     config.global_batch_size = 64
     config.log_every = 10
     config.checkpoint_every = 0  # 0: only at the end.
+    config.checkpoint_keep = 3  # The last K checkpoints are kept...
+    # ...plus the best `checkpoint_keep_best` by this eval metric (None: off), e.g.
+    # "eval/zero_shot_mean_auc"; checkpoints are then also saved at every eval.
+    config.checkpoint_best_metric = None
+    config.checkpoint_best_mode = "max"
+    config.checkpoint_keep_best = 1
 
     # GradCache: embed the global batch in micro-batches of this size (None: all at once).
     config.microbatch_size = None
@@ -33,12 +82,17 @@ def get_config(arg=None):
     config.data.image_size = 64
     config.data.image_mean = 0.5
     config.data.image_std = 0.25
-    config.data.text = "report"  # report | findings | impression
+    # report | findings | impression | sentences. "sentences": 1-3 of the report's
+    # sentences, shuffled, or (30%) the whole report; evaluation reads whole reports. Short
+    # texts teach the small text tower what each sentence means, which the one-sentence
+    # zero-shot prompts need.
+    config.data.text = "sentences"
+    config.data.max_sentences = 3
+    config.data.full_report_prob = 0.3
     config.data.max_text_len = 48
     config.data.vocab_size = 512
     # BPE keeps whole words of the small synthetic vocabulary (unigram splits them).
     config.data.tokenizer_type = "bpe"
-    config.data.shuffle_buffer = 4096
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "two_tower"
@@ -87,6 +141,12 @@ def get_config(arg=None):
     )
 
     config.eval = evaluation.default_config()
+    # The tiny text tower knows only the phrasing of the synthetic reports, so its prompts
+    # are written in that phrasing (graded sizes, "heart size is normal"), as radiologists
+    # write; a large model trained on real reports can use the generic defaults.
+    for finding, (positive, negative) in SYNTHETIC_PROMPTS.items():
+        config.eval.prompts.positive[finding] = positive
+        config.eval.prompts.negative[finding] = negative
     config.eval.every_steps = 500
     config.eval.batch_size = 256
 

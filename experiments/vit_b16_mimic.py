@@ -6,7 +6,8 @@ Meant for a pod slice (e.g. TPU v4-64 or 8 nodes x 8 H100) on MIMIC-CXR shards.
 
 import ml_collections
 
-from jaxmedclip import config_lib
+from input_pipeline.findings import CHEXPERT_FINDINGS
+from jaxmedclip import config_lib, evaluation
 
 
 def get_config(arg=None):
@@ -17,22 +18,49 @@ def get_config(arg=None):
     config.global_batch_size = 4096
     config.log_every = 50
     config.checkpoint_every = 1000
+    config.checkpoint_keep = 3  # The last K checkpoints are kept...
+    # ...plus the best `checkpoint_keep_best` by this eval metric (None: off), e.g.
+    # "eval/zero_shot_mean_auc"; checkpoints are then also saved at every eval.
+    config.checkpoint_best_metric = None
+    config.checkpoint_best_mode = "max"
+    config.checkpoint_keep_best = 1
 
     # GradCache: embed the global batch in micro-batches of this size (None: all at once).
     config.microbatch_size = None
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     config.data = ml_collections.ConfigDict()
+    # MIMIC-CXR from its manual-download layout (input_pipeline/README.md, "Bring your own
+    # data"): built once into ArrayRecord shards under data_dir, then read by index.
     config.data.name = "mimic_cxr"
-    config.data.data_dir = None
+    config.data.manual_dir = None  # The folder holding files/ and the metadata CSVs.
+    config.data.reports_dir = None  # None: the reports are under manual_dir/files too.
+    config.data.data_dir = None  # None: $JAXMEDCLIP_DATA_DIR or ~/.cache/jaxmedclip/tfds.
+    config.data.source_max_size = 512  # Longest side stored in the shards (16-bit PNG).
+    config.data.views = None  # e.g. ("PA", "AP") for frontal views only.
+    config.data.build_max_bad_fraction = 0.01  # Unreadable rows tolerated at build time.
+    config.data.build_workers = None  # None: every CPU.
+    config.data.max_bad_fraction = 0.01  # Undecodable examples tolerated while reading.
     config.data.image_size = 224
     config.data.image_mean = 0.5
     config.data.image_std = 0.25
-    config.data.text = "report"
+    # A random subset of the report's sentences, shuffled (CXR-CLIP style); evaluation
+    # reads the whole findings + impression text.
+    config.data.text = "sentences"
     config.data.max_text_len = 128
     config.data.vocab_size = 32_000
     config.data.tokenizer_type = "unigram"
-    config.data.shuffle_buffer = 50_000
+    config.data.augment = ml_collections.ConfigDict(
+        dict(
+            crop_scale=(0.7, 1.0),
+            crop_aspect=(3 / 4, 4 / 3),
+            rotation_degrees=5.0,
+            brightness=0.1,
+            contrast=0.1,
+            gamma=0.1,
+            horizontal_flip=False,  # Laterality is in the reports.
+        )
+    )
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "two_tower"
@@ -54,6 +82,7 @@ def get_config(arg=None):
             mlp_ratio=4.0,
             pool="cls",
             num_channels=1,
+            pre_norm=True,  # CLIP's layout, so that export --format clip applies.
         )
     )
     config.model.text = ml_collections.ConfigDict(
@@ -76,7 +105,21 @@ def get_config(arg=None):
         )
     )
 
-    if arg.runlocal:
+    config.eval = evaluation.default_config()
+    config.eval.every_steps = 2000
+    config.eval.zero_shot_findings = CHEXPERT_FINDINGS
+    config.eval.probe_max_train_examples = 50_000
+
+    if arg.runlocal:  # The same recipe, shrunk, on the built-in synthetic data.
+        config.data.name = "synthetic_cxr"
+        config.data.synthetic = ml_collections.ConfigDict(
+            dict(num_train=256, num_validation=64, num_test=64, source_image_size=128, seed=0)
+        )
+        config.data.tokenizer_type = "bpe"
+        config.optim.warmup_steps = 2
+        config.eval.every_steps = 0
+        config.eval.batch_size = 32
+        config.eval.zero_shot_findings = evaluation.default_config().zero_shot_findings
         config.total_steps = 10
         config.global_batch_size = 16
         config.data.image_size = 32

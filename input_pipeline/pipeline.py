@@ -38,7 +38,8 @@ Rows with mask=False are all zeros (texts empty).
 Text (`data.text`): "report" or "both" (findings and impression, joined by a space),
 "findings", "impression", or "sentences" (train=True: a random subset of the report's
 sentences in random order: `data.num_sentences` of them, else `data.sentence_fraction`
-of them rounded up, else a number drawn uniformly from 1..all; train=False reads the
+of them rounded up, else a number drawn uniformly from 1..min(all, `data.max_sentences`);
+with probability `data.full_report_prob` the whole report instead; train=False reads the
 report). When the chosen section is empty, the other one is used (e.g. impression-only
 reports under "findings").
 
@@ -63,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import synthetic_builder
+from input_pipeline import chexpert, csv_manifest, mimic_cxr, synthetic_builder
 from input_pipeline.augment import AugmentConfig, augment_images, keyed_uniform, uniform
 from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.tokenizer import Tokenizer, ensure_tokenizer, tensorflow_on_host
@@ -76,13 +77,19 @@ BAD_FRACTION_MIN_EXAMPLES = 1000
 SALT_ORDER = 1
 SALT_SENTENCES = 2
 SALT_SENTENCE_COUNT = 3
+SALT_FULL_REPORT = 4
 REQUIRED_FEATURES = ("image", "view", "study_id", "findings", "impression", "labels")
 _SENTENCE_END = r"([.!?])\s+"
 _SENTENCE_BREAK = "\x1e"  # ASCII record separator: never in a report.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # data.name -> function(data_config) -> prepared TFDS builder (ArrayRecord records).
-DATASET_BUILDERS: dict[str, Callable] = {"synthetic_cxr": synthetic_builder.build}
+DATASET_BUILDERS: dict[str, Callable] = {
+    "synthetic_cxr": synthetic_builder.build,
+    "csv_manifest": csv_manifest.build,
+    "mimic_cxr": mimic_cxr.build,
+    "chexpert": chexpert.build,  # Label-only: training skips it until labels become text.
+}
 
 
 tensorflow_on_host()  # Before any TensorFlow op can claim accelerator memory.
@@ -136,12 +143,15 @@ def split_sentences(texts: tf.Tensor) -> tf.RaggedTensor:
 
 def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
                      num_sentences: int | None = None,
-                     sentence_fraction: float | None = None) -> tf.Tensor:
+                     sentence_fraction: float | None = None,
+                     max_sentences: int | None = None,
+                     full_report_prob: float = 0.0) -> tf.Tensor:
     """A random subset of each text's sentences in random order, joined by spaces.
 
     Row i depends on (seed, positions[i]) only. The subset size is `num_sentences`
     (capped at the count), else `ceil(sentence_fraction * count)`, else drawn uniformly
-    from 1..count.
+    from 1..min(count, max_sentences). With probability `full_report_prob` a row keeps
+    its whole text, in order (so that full reports stay in the training distribution).
     """
     sentences = split_sentences(texts)
     counts = sentences.row_lengths()
@@ -151,7 +161,8 @@ def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
         keep = tf.cast(tf.math.ceil(sentence_fraction * tf.cast(counts, tf.float64)), tf.int64)
     else:
         u = uniform(seed, SALT_SENTENCE_COUNT, positions, 1)[:, 0]
-        keep = 1 + tf.cast(tf.floor(u * tf.cast(counts, tf.float32)), tf.int64)
+        most = counts if max_sentences is None else tf.minimum(counts, max_sentences)
+        keep = 1 + tf.cast(tf.floor(u * tf.cast(most, tf.float32)), tf.int64)
     keep = tf.clip_by_value(keep, tf.minimum(counts, 1), counts)
     # Sentences in the order of a random key per (seed, position, sentence index).
     row_of = sentences.value_rowids()
@@ -164,7 +175,11 @@ def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
                                                sentences.row_splits)
     kept = tf.ragged.boolean_mask(
         shuffled, tf.ragged.range(counts) < tf.expand_dims(keep, 1))
-    return tf.strings.reduce_join(kept, axis=1, separator=" ")
+    selected = tf.strings.reduce_join(kept, axis=1, separator=" ")
+    if not full_report_prob:
+        return selected
+    full = uniform(seed, SALT_FULL_REPORT, positions, 1)[:, 0] < full_report_prob
+    return tf.where(full, texts, selected)
 
 
 def text_hash(strings: tf.Tensor) -> tf.Tensor:
@@ -352,7 +367,9 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         if text_source == "sentences" and train:
             text = select_sentences(text, rows["position"], seed,
                                     data_config.get("num_sentences"),
-                                    data_config.get("sentence_fraction"))
+                                    data_config.get("sentence_fraction"),
+                                    data_config.get("max_sentences"),
+                                    data_config.get("full_report_prob", 0.0))
         if "has_report" in example:
             text = tf.where(tf.cast(example["has_report"], tf.bool), text, "")
         normalized, tokens = tokenizer.tf_normalize_and_encode(text)

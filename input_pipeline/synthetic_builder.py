@@ -80,10 +80,12 @@ class SyntheticCxrConfig(tfds.core.BuilderConfig):
 class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest X-ray images with MIMIC-style reports and CheXpert-style labels."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "1.1.0": "Records written as ArrayRecord, for reading by index.",
+        "1.2.0": "Lung opacity drawn as faint wide haze, consolidation dense and sharply "
+                 "marginated; thicker tubes and lines; larger pneumothorax rims.",
     }
     BUILDER_CONFIGS = [SyntheticCxrConfig()]
 

@@ -406,7 +406,7 @@ def _draw_frontal(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
     pneumothorax = _find(abnormalities, "Pneumothorax")
     if pneumothorax:  # Lucent rim without markings around the collapsed lung's edge.
         side = -1 if pneumothorax.side == "right" else 1
-        rim = 0.08 + 0.22 * pneumothorax.severity
+        rim = 0.15 + 0.2 * pneumothorax.severity
         collapsed = _lung(x, y, side * (anatomy.lung_cx - 0.5 * rim), lung_cy + 0.8 * rim,
                           anatomy.lung_half_width - 0.9 * rim, lung_half_height - 1.2 * rim)
         lucent = lungs[side] * _inside(-collapsed, 0.02)
@@ -481,7 +481,7 @@ def _draw_lateral(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
 
     pneumothorax = _find(abnormalities, "Pneumothorax")
     if pneumothorax:  # Apical lucency above the collapsed lung's edge.
-        rim = 0.08 + 0.22 * pneumothorax.severity
+        rim = 0.15 + 0.2 * pneumothorax.severity
         collapsed = _ellipse(x, y, 0.03, -0.06 + rim, 0.52 - 0.4 * rim, 0.66 - rim)
         lucent = lung * _inside(-collapsed, 0.02)
         a = a * (1 - lucent) + 0.04 * lucent
@@ -517,12 +517,16 @@ def _sides(side: str) -> tuple[int, ...]:
 
 
 def _airspace_patch(x, y, cx, cy, airspace: Abnormality, coarse, fine):
-    """Patchy density: consolidation dense and well-defined, opacity hazier and wider."""
-    hazy = airspace.label == "Lung Opacity"
-    radius = (0.13 + 0.15 * airspace.severity) * (1.2 if hazy else 1.0)
-    blob = np.exp(-(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2))
-    texture = 0.6 + 0.25 * coarse + (0.1 if hazy else 0.2) * fine
-    return (0.18 + 0.25 * airspace.severity) * (0.8 if hazy else 1.0) * blob * texture
+    """Airspace density. Consolidation: dense, sharply marginated, lobar. Lung opacity:
+    faint, wide, ill-defined haze (ground glass) that leaves the markings visible."""
+    if airspace.label == "Lung Opacity":
+        radius = 0.22 + 0.16 * airspace.severity
+        blob = np.exp(-(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2))
+        return (0.2 + 0.1 * airspace.severity) * blob * (0.8 + 0.3 * coarse)
+    radius = 0.14 + 0.12 * airspace.severity
+    edge = np.sqrt(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2) - 1
+    blob = _inside(edge + 0.15 * coarse, 0.12)
+    return (0.35 + 0.2 * airspace.severity) * blob * (0.85 + 0.1 * coarse + 0.1 * fine)
 
 
 _FRONTAL_DEVICE_PATHS = {
@@ -544,7 +548,7 @@ _LATERAL_DEVICE_PATHS = {
 def _draw_devices(x, y, a, devices, paths, pacemaker_centre):
     metal = np.zeros_like(a)
     for device in devices:
-        metal = np.maximum(metal, _polyline(x, y, paths[device], 0.022))
+        metal = np.maximum(metal, _polyline(x, y, paths[device], 0.045))
         if device == "pacemaker":
             box = _ellipse(x, y, *pacemaker_centre, 0.1, 0.07, boxy=True)
             metal = np.maximum(metal, _inside(box, 0.02))

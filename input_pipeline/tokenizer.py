@@ -99,6 +99,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._processor.get_piece_size()
 
+    @property
+    def pieces(self) -> list[str]:
+        """The piece of every id ("▁" starts a word), e.g. for word pooling."""
+        return [self._processor.id_to_piece(i) for i in range(self.vocab_size)]
+
     def encode_batch(self, texts: Sequence[str | bytes]) -> np.ndarray:
         """int32 [N, max_len]: BOS + pieces + EOS, truncated keeping EOS, 0-padded."""
         return self.encode_normalized([normalize_text(t) for t in texts])

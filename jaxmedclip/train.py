@@ -197,8 +197,21 @@ class Setup(NamedTuple):
     train_step: Any
 
 
-def build(config: ml_collections.ConfigDict) -> Setup:
-    """Builds mesh, model, optimizer and step; a config that does not fit fails here."""
+def local_loss_enabled(config: ml_collections.ConfigDict) -> bool:
+    """Whether `loss.local` (GLoRIA-style word-region alignment) is on."""
+    local = config.loss.get("local")
+    return local is not None and local.get("weight", 1.0) > 0
+
+
+def build(config: ml_collections.ConfigDict, word_starts: np.ndarray | None = None) -> Setup:
+    """Builds mesh, model, optimizer and step; a config that does not fit fails here.
+
+    `word_starts` (bool [vocab], from the tokenizer's pieces) is needed by `loss.local`;
+    without it an all-True table of the configured vocabulary stands in, which has the
+    same shapes and cost (enough for `--compile_only`), not the same word boundaries.
+    """
+    if word_starts is None and local_loss_enabled(config):
+        word_starts = np.ones(config.data.vocab_size, bool)
     check_config(config)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(config.global_batch_size, mesh)
@@ -217,6 +230,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         rules,
         shardings,
         microbatch_size=config.get("microbatch_size"),
+        word_starts=word_starts,
     )
     # Tracing the step on abstract inputs checks the loss settings and every shape.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -341,7 +355,6 @@ def train(
     config whose seed or global batch size differ from it unless
     `allow_data_position_change`.
     """
-    setup = setup or build(config)
     os.makedirs(workdir, exist_ok=True)
     from input_pipeline import pipeline  # tensorflow is needed from here on only.
 
@@ -351,6 +364,15 @@ def train(
             f"the tokenizer has {tokenizer.vocab_size} pieces but data.vocab_size="
             f"{config.data.vocab_size}; raise data.vocab_size"
         )
+    if setup is None:
+        word_starts = None
+        if local_loss_enabled(config):
+            from jaxmedclip.methods import local_alignment
+
+            word_starts = local_alignment.word_start_table(tokenizer.pieces)
+            # Pieces beyond the tokenizer's (data.vocab_size is an upper bound) never occur.
+            word_starts = np.pad(word_starts, (0, config.data.vocab_size - len(word_starts)))
+        setup = build(config, word_starts)
 
     policy = checkpointing.CheckpointPolicy.from_config(config)
     writer = MetricsWriter(workdir)

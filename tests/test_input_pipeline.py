@@ -66,7 +66,8 @@ def eval_batches(config, builder, tok, split="validation", global_batch_size=4, 
 def test_builder_splits_hold_one_record_per_image(prepared, studies):
     builder, _ = prepared
     assert builder.builder_config.name == "n32-8-8_s64_seed0"
-    assert builder.data_dir.endswith(os.path.join("synthetic_cxr", "n32-8-8_s64_seed0", "1.1.0"))
+    version = str(synthetic_builder.SyntheticCxr.VERSION)
+    assert builder.data_dir.endswith(os.path.join("synthetic_cxr", "n32-8-8_s64_seed0", version))
     for split, count in SIZES.items():
         split = split.removeprefix("num_")
         rows = records(builder, split)
@@ -129,7 +130,12 @@ def test_prepare_reuses_the_dataset_and_tokenizer(prepared, config):
 
 
 def test_unknown_dataset_name(config):
-    with pytest.raises(ValueError, match=r"data.name='mimic_cxr'.*synthetic_cxr"):
+    with pytest.raises(ValueError, match=r"data.name='padchest'.*mimic_cxr.*synthetic_cxr"):
+        pipeline.prepare(data_config(config.data_dir, name="padchest"))
+
+
+def test_registered_builder_needs_its_manual_dir(config):
+    with pytest.raises(ValueError, match=r"data.manual_dir is not set.*mimic_cxr"):
         pipeline.prepare(data_config(config.data_dir, name="mimic_cxr"))
 
 
@@ -299,6 +305,13 @@ def test_sentences_are_a_seeded_shuffled_subset():
     other = [t.decode() for t in pipeline.select_sentences(texts, positions, 1,
                                                             num_sentences=2).numpy()]
     assert other != two
+    capped = choose(max_sentences=2)[:40]
+    assert {len(split(t)) for t in capped} == {1, 2}
+    mixed = choose(max_sentences=1, full_report_prob=0.5)[:40]
+    full = [t == report for t in mixed]
+    assert 5 < sum(full) < 35  # The rest are single sentences.
+    assert all(len(split(t)) == 1 for t, f in zip(mixed, full, strict=True) if not f)
+    assert mixed == choose(max_sentences=1, full_report_prob=0.5)[:40]
 
 
 class BadRecords(tfds.core.GeneratorBasedBuilder):

@@ -168,7 +168,9 @@ def test_prompt_sets_expand_templates_and_phrases():
         "findings consistent with pleural effusion.",
     )
     assert effusion.negative == ("no pleural effusion.", "no evidence of pleural effusion.")
-    assert "enlarged heart." in prompts.prompt_set("Cardiomegaly").positive
+    cardiomegaly = prompts.prompt_set("Cardiomegaly")
+    assert "there is an enlarged heart." in cardiomegaly.positive
+    assert "heart size is normal." in cardiomegaly.negative
     assert "no lines and tubes." in prompts.prompt_set("Support Devices").negative
     normal = prompts.prompt_set("No Finding")
     assert "no acute cardiopulmonary process." in normal.positive

@@ -2,9 +2,11 @@
 
 A finding's positive prompts are every positive template filled with every phrase of the
 finding (e.g. "there is pleural effusion"); its negative prompts likewise ("no pleural
-effusion"). A finding may instead list its prompts in full (`eval.prompts.positive.<slug>`,
-`eval.prompts.negative.<slug>`), which "No Finding" needs. Configs key findings by slug
-("Pleural Effusion" -> "pleural_effusion") so that `--config.eval.prompts...` works.
+effusion"). Either side of a finding may instead be listed in full
+(`eval.prompts.positive.<slug>`, `eval.prompts.negative.<slug>`): "No Finding" needs it,
+and so do findings whose absence reports phrase differently ("heart size is normal.").
+Configs key findings by slug ("Pleural Effusion" -> "pleural_effusion") so that
+`--config.eval.prompts...` works.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ NEGATIVE_TEMPLATES = ("no {finding}.", "no evidence of {finding}.")
 # Phrases for all CheXpert findings; the first one is the plain name.
 FINDING_PHRASES: dict[str, tuple[str, ...]] = {
     "Enlarged Cardiomediastinum": ("enlarged cardiomediastinum", "widened mediastinum"),
-    "Cardiomegaly": ("cardiomegaly", "enlarged heart"),
+    "Cardiomegaly": ("cardiomegaly", "an enlarged heart"),
     "Lung Opacity": ("lung opacity", "airspace opacity"),
     "Lung Lesion": ("lung lesion", "pulmonary nodule"),
     "Edema": ("pulmonary edema", "edema"),
@@ -35,12 +37,26 @@ FINDING_PHRASES: dict[str, tuple[str, ...]] = {
     "Support Devices": ("support devices", "lines and tubes"),
 }
 
-# "No Finding" does not fit "no {finding}": its prompts are written out.
-FULL_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+# Written-out prompts replace the template expansion of one side of a finding, where
+# reports do not say "no <finding>": "No Finding" fits neither template, and radiologists
+# write "heart size is normal", not "no cardiomegaly".
+FULL_POSITIVE: dict[str, tuple[str, ...]] = {
     "No Finding": (
-        ("no acute cardiopulmonary process.", "the lungs are clear.", "normal chest radiograph."),
-        ("acute cardiopulmonary process.", "abnormal chest radiograph."),
+        "no acute cardiopulmonary process.", "the lungs are clear.", "normal chest radiograph."
     ),
+}
+FULL_NEGATIVE: dict[str, tuple[str, ...]] = {
+    "No Finding": ("acute cardiopulmonary process.", "abnormal chest radiograph."),
+    "Cardiomegaly": (
+        "heart size is normal.",
+        "the heart is not enlarged.",
+        "the cardiac silhouette is normal in size.",
+    ),
+    "Enlarged Cardiomediastinum": (
+        "the mediastinal contours are normal.",
+        "the cardiomediastinal silhouette is within normal limits.",
+    ),
+    "Lung Opacity": ("the lungs are clear.", "no focal opacity."),
 }
 
 
@@ -63,8 +79,8 @@ def default_prompt_config() -> ml_collections.ConfigDict:
             positive_templates=POSITIVE_TEMPLATES,
             negative_templates=NEGATIVE_TEMPLATES,
             phrases={slug(name): phrases for name, phrases in FINDING_PHRASES.items()},
-            positive={slug(name): prompts[0] for name, prompts in FULL_PROMPTS.items()},
-            negative={slug(name): prompts[1] for name, prompts in FULL_PROMPTS.items()},
+            positive={slug(name): prompts for name, prompts in FULL_POSITIVE.items()},
+            negative={slug(name): prompts for name, prompts in FULL_NEGATIVE.items()},
         )
     )
 

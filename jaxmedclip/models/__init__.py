@@ -111,6 +111,7 @@ def build_model(
         max_scale=model_config.max_scale,
         bias_init=model_config.bias_init,
         image_projection=image_projection,
+        local_dim=model_config.get("local_dim"),
         dtype=dtype,
         param_dtype=param_dtype,
     )
