@@ -20,8 +20,9 @@ SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
          "the cardiac silhouette is normal in size."),
     ),
     "lung_opacity": (
-        ("there is a moderate-sized airspace opacity.", "large opacity in the lower lobe.",
-         "upper lobe opacity."),
+        ("there is a moderate-sized airspace opacity in the right lower lobe.",
+         "large opacity in the left lower lobe.", "right upper lobe opacity.",
+         "left upper lobe opacity."),
         ("the lungs are clear.", "no focal opacity."),
     ),
     "edema": (
@@ -30,17 +31,19 @@ SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
         ("no pulmonary edema.", "there is no pulmonary edema."),
     ),
     "consolidation": (
-        ("there is focal consolidation in the lower lobe.", "dense lower lobe consolidation.",
-         "consolidation."),
+        ("there is focal consolidation in the right lower lobe.",
+         "dense left lower lobe consolidation.", "right upper lobe consolidation.",
+         "focal consolidation in the lingula."),
         ("no focal consolidation.", "the lungs are clear without focal consolidation."),
     ),
     "pneumothorax": (
-        ("there is a small pneumothorax.", "moderate apical pneumothorax with a visible pleural "
-         "line.", "large pneumothorax."),
+        ("there is a small right pneumothorax.", "there is a small left pneumothorax.",
+         "moderate left apical pneumothorax with a visible pleural line.",
+         "large right-sided pneumothorax."),
         ("no pneumothorax.", "there is no pneumothorax."),
     ),
     "pleural_effusion": (
-        ("there is a moderate pleural effusion.", "small pleural effusion.",
+        ("there is a moderate right-sided pleural effusion.", "small left pleural effusion.",
          "bilateral pleural effusions."),
         ("no pleural effusion.", "there is no pleural effusion."),
     ),

@@ -80,12 +80,14 @@ class SyntheticCxrConfig(tfds.core.BuilderConfig):
 class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest X-ray images with MIMIC-style reports and CheXpert-style labels."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "1.1.0": "Records written as ArrayRecord, for reading by index.",
         "1.2.0": "Lung opacity drawn as faint wide haze, consolidation dense and sharply "
                  "marginated; thicker tubes and lines; larger pneumothorax rims.",
+        "1.3.0": "Subtle findings (severity < 0.25) are always reported with hedging "
+                 "(uncertain, -1); lung opacity a little denser.",
     }
     BUILDER_CONFIGS = [SyntheticCxrConfig()]
 

@@ -207,7 +207,7 @@ def _sample_abnormalities(rng: np.random.Generator) -> tuple[Abnormality, ...]:
     for kind in sorted(kinds):
         name = _PATHOLOGIES[kind]
         severity = float(rng.random())
-        uncertain = severity < 0.25 and rng.random() < 0.5
+        uncertain = severity < 0.25  # Subtle findings are reported with hedging.
         side = lobe = ""
         if name == "Pleural Effusion":
             side = str(rng.choice(["right", "left", "bilateral"], p=[0.4, 0.3, 0.3]))
@@ -522,7 +522,7 @@ def _airspace_patch(x, y, cx, cy, airspace: Abnormality, coarse, fine):
     if airspace.label == "Lung Opacity":
         radius = 0.22 + 0.16 * airspace.severity
         blob = np.exp(-(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2))
-        return (0.2 + 0.1 * airspace.severity) * blob * (0.8 + 0.3 * coarse)
+        return (0.22 + 0.12 * airspace.severity) * blob * (0.8 + 0.3 * coarse)
     radius = 0.14 + 0.12 * airspace.severity
     edge = np.sqrt(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2) - 1
     blob = _inside(edge + 0.15 * coarse, 0.12)

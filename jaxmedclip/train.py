@@ -303,6 +303,36 @@ def train_batches(
     return pipeline.make_dataset(*args, **kwargs).skip(start_step).as_numpy_iterator()
 
 
+def init_from_pretrained(
+    config: ml_collections.ConfigDict, state: trainer.TrainState, setup: Setup
+) -> trainer.TrainState:
+    """A fresh state whose towers `config.init_from` loads from a Hugging Face folder.
+
+    `config.init_from = ConfigDict(dict(path=..., towers=("image",)))` (safetensors only);
+    projections, temperature and optimizer state stay as initialised. Only at step 0: a
+    resumed run keeps its checkpoint.
+    """
+    init = config.get("init_from")
+    if not init or not init.get("path"):
+        return state
+    from jaxmedclip import convert
+
+    towers = tuple(init.get("towers", ("image", "text")))
+    params = convert.load_pretrained(
+        multihost_utils.process_allgather(state.params, tiled=True),
+        init.path,
+        towers=towers,
+        model_config=config.model,
+    )
+    params = jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        params,
+        setup.shardings.params,
+    )
+    log.info("initialised the %s tower(s) from %s", " and ".join(towers), init.path)
+    return state.replace(params=params)
+
+
 def resume(
     config: ml_collections.ConfigDict,
     manager: Any,
@@ -316,7 +346,7 @@ def resume(
         state, _ = trainer.create_train_state(
             setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
         )
-        return state, 0
+        return init_from_pretrained(config, state, setup), 0
     if restored.data is None:
         log.warning("checkpoint step %d has no data position; not checked", restored.step)
     else:

@@ -228,3 +228,54 @@ def test_rules_round_trip_every_vision_table():
             if name == "patch_embed/bias" and table is towers.CLIP_VISION:
                 continue  # Folded into the positions (and zero on import).
             np.testing.assert_array_equal(back[name], value, err_msg=f"{table.kind} {name}")
+
+
+def test_init_from_loads_towers_into_a_sharded_train_state(tmp_path):
+    """`config.init_from` in a training config: the image tower comes from the folder, the
+    rest keeps its initialisation, and the state stays sharded over the 8-device mesh."""
+    from jaxmedclip import config_lib, train, trainer
+
+    save_random(
+        transformers.CLIPModel(
+            transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)
+        ),
+        tmp_path,
+    )
+    config = config_lib.config_from_flags(
+        "experiments/tiny_synthetic.py:runlocal",
+        [
+            f"data.image_size={SIZE}",
+            f"data.vocab_size={VOCAB}",
+            f"data.max_text_len={MAX_LEN}",
+            "model.embed_dim=24",
+            f"model.image.width={WIDTH}",
+            "model.image.num_heads=2",
+            f"model.text.width={WIDTH}",
+            "model.text.num_heads=2",
+        ],
+    )
+    config.model.image.pre_norm = True
+    config.init_from = ml_collections.ConfigDict(dict(path=str(tmp_path), towers=("image",)))
+    setup = train.build(config)
+    fresh, _ = trainer.create_train_state(
+        setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
+    )
+    loaded = train.init_from_pretrained(config, fresh, setup)
+    expected = convert.load_pretrained(
+        jax.device_get(fresh.params), str(tmp_path), towers=("image",)
+    )
+    shardings = jax.tree.leaves(setup.shardings.params)
+    for leaf, sharding in zip(jax.tree.leaves(loaded.params), shardings, strict=True):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    np.testing.assert_array_equal(
+        jax.device_get(loaded.params["image_tower"]["pos_embed"]),
+        expected["image_tower"]["pos_embed"],
+    )
+    np.testing.assert_array_equal(  # The text tower keeps its random initialisation.
+        jax.device_get(loaded.params["text_tower"]["pos_embed"]),
+        jax.device_get(fresh.params["text_tower"]["pos_embed"]),
+    )
+    assert not np.array_equal(
+        expected["image_tower"]["pos_embed"],
+        jax.device_get(fresh.params["image_tower"]["pos_embed"]),
+    )
