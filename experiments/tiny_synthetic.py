@@ -57,7 +57,7 @@ SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(
-        arg, runlocal=False, loss_impl="all_gather", total_steps=1000, targets="multi_positive"
+        arg, runlocal=False, loss_impl="all_gather", total_steps=2000, targets="multi_positive"
     )
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -117,6 +117,7 @@ def get_config(arg=None):
             mlp_ratio=4.0,
             pool="cls",
             num_channels=1,
+            pre_norm=True,  # CLIP's layout: the model exports as a transformers CLIPModel.
         )
     )
     config.model.text = ml_collections.ConfigDict(
@@ -150,7 +151,7 @@ def get_config(arg=None):
     for finding, (positive, negative) in SYNTHETIC_PROMPTS.items():
         config.eval.prompts.positive[finding] = positive
         config.eval.prompts.negative[finding] = negative
-    config.eval.every_steps = 500
+    config.eval.every_steps = 1000
     config.eval.batch_size = 256
 
     if arg.runlocal:
