@@ -11,45 +11,73 @@ from jaxmedclip import config_lib, evaluation
 SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
     "no_finding": (
         ("no acute cardiopulmonary process.", "the lungs are clear."),
-        ("cardiomegaly.", "pleural effusion.", "pneumothorax.", "pulmonary edema.",
-         "focal consolidation.", "airspace opacity.", "support devices in standard position."),
+        (
+            "cardiomegaly.",
+            "pleural effusion.",
+            "pneumothorax.",
+            "pulmonary edema.",
+            "focal consolidation.",
+            "airspace opacity.",
+            "support devices in standard position.",
+        ),
     ),
     "cardiomegaly": (
         ("the heart is enlarged.", "there is moderate cardiomegaly.", "cardiomegaly."),
-        ("heart size is normal.", "the heart is not enlarged.",
-         "the cardiac silhouette is normal in size."),
+        (
+            "heart size is normal.",
+            "the heart is not enlarged.",
+            "the cardiac silhouette is normal in size.",
+        ),
     ),
     "lung_opacity": (
-        ("there is a moderate-sized airspace opacity in the right lower lobe.",
-         "large opacity in the left lower lobe.", "right upper lobe opacity.",
-         "left upper lobe opacity."),
+        (
+            "there is a moderate-sized airspace opacity in the right lower lobe.",
+            "large opacity in the left lower lobe.",
+            "right upper lobe opacity.",
+            "left upper lobe opacity.",
+        ),
         ("the lungs are clear.", "no focal opacity."),
     ),
     "edema": (
-        ("moderate pulmonary edema.", "there is mild interstitial pulmonary edema.",
-         "pulmonary edema."),
+        (
+            "moderate pulmonary edema.",
+            "there is mild interstitial pulmonary edema.",
+            "pulmonary edema.",
+        ),
         ("no pulmonary edema.", "there is no pulmonary edema."),
     ),
     "consolidation": (
-        ("there is focal consolidation in the right lower lobe.",
-         "dense left lower lobe consolidation.", "right upper lobe consolidation.",
-         "focal consolidation in the lingula."),
+        (
+            "there is focal consolidation in the right lower lobe.",
+            "dense left lower lobe consolidation.",
+            "right upper lobe consolidation.",
+            "focal consolidation in the lingula.",
+        ),
         ("no focal consolidation.", "the lungs are clear without focal consolidation."),
     ),
     "pneumothorax": (
-        ("there is a small right pneumothorax.", "there is a small left pneumothorax.",
-         "moderate left apical pneumothorax with a visible pleural line.",
-         "large right-sided pneumothorax."),
+        (
+            "there is a small right pneumothorax.",
+            "there is a small left pneumothorax.",
+            "moderate left apical pneumothorax with a visible pleural line.",
+            "large right-sided pneumothorax.",
+        ),
         ("no pneumothorax.", "there is no pneumothorax."),
     ),
     "pleural_effusion": (
-        ("there is a moderate right-sided pleural effusion.", "small left pleural effusion.",
-         "bilateral pleural effusions."),
+        (
+            "there is a moderate right-sided pleural effusion.",
+            "small left pleural effusion.",
+            "bilateral pleural effusions.",
+        ),
         ("no pleural effusion.", "there is no pleural effusion."),
     ),
     "support_devices": (
-        ("endotracheal tube terminates above the carina.", "nasogastric tube tip is in the "
-         "stomach.", "support devices in standard position."),
+        (
+            "endotracheal tube terminates above the carina.",
+            "nasogastric tube tip is in the stomach.",
+            "support devices in standard position.",
+        ),
         ("the lungs are clear.", "no acute cardiopulmonary process."),
     ),
 }
@@ -155,6 +183,7 @@ def get_config(arg=None):
     config.eval.batch_size = 256
 
     if arg.runlocal:
+        config.data.text = "report"  # Learns faster in a few steps (tests check the loss).
         config.total_steps = 20
         config.global_batch_size = 32
         config.log_every = 5

@@ -49,7 +49,7 @@ def get_config(arg=None):
     config.data.text = "sentences"
     config.data.max_text_len = 128
     config.data.vocab_size = 32_000
-    config.data.tokenizer_type = "unigram"
+    config.data.tokenizer_type = "bpe"  # Exported tokenizers reproduce BPE ids exactly.
     config.data.augment = ml_collections.ConfigDict(
         dict(
             crop_scale=(0.7, 1.0),

@@ -381,6 +381,7 @@ def test_build_cli_prepares_a_manifest_config(tmp_path, capsys):
     assert "build report: " in out
 
 
+@pytest.mark.slow
 def test_train_runs_on_a_mimic_tree(tmp_path):
     """The reference recipe, shrunk, trains end to end on a MIMIC-CXR-style tree: builder,
     tokenizer, 16-bit images, sentence sampling, augmentation, checkpoint."""

@@ -205,6 +205,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
         convert.load_pretrained(params, str(tmp_path), towers=("text",))
 
 
+@pytest.mark.slow
 def test_rules_round_trip_every_vision_table():
     """Our params -> Hugging Face names -> our params, exactly (no torch involved)."""
     from jaxmedclip.convert import towers

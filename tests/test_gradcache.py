@@ -138,6 +138,7 @@ def _collectives(compiled) -> set[str]:
     return set(re.findall(pattern + r"(?:-start)?\(", compiled.as_text()))
 
 
+@pytest.mark.slow
 def test_train_step_applies_the_full_batch_gradients(setup):
     """With SGD at learning rate 1 the updated params are params - grads: the step's
     gradients, read back exactly, equal the full-batch ones (ring loss, 4 micro-batches)."""

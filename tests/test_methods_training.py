@@ -166,6 +166,7 @@ def test_local_loss_train_step_equals_dense_reference(setup, impl):
         assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads[name])) > 1e-4, name
 
 
+@pytest.mark.slow
 def test_local_loss_with_gradcache_equals_dense_reference(setup):
     """GradCache (2 micro-batches) caches patch and token features too: same gradients."""
     fn = trainer.make_loss_and_grads(
@@ -219,6 +220,7 @@ def test_configs_without_local_loss_keep_their_param_tree(name):
     assert set(_param_shapes(model, config)) == DEFAULT_PARAMS
 
 
+@pytest.mark.slow
 def test_local_projections_are_additions_only():
     """The gloria config adds exactly the two local projections; the shared parameters
     give the same embeddings as the model without them."""

@@ -191,6 +191,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_changed_batch_is_refused(
         train.train(config, workdir)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_kept_besides_the_last(data_dir, tmp_path, monkeypatch):
     auc = {2: 0.61, 4: 0.83, 6: 0.72, 8: 0.70}
     calls = []

@@ -67,6 +67,7 @@ def test_one_device_equals_eight_devices(config, reference):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_mesh_equals_data_parallel(config, reference):
     fsdp = config_lib.apply_overrides(config, ["mesh.data=4", "mesh.fsdp=2"])
     losses, state = _run(fsdp, jax.devices())
@@ -77,6 +78,7 @@ def test_fsdp_mesh_equals_data_parallel(config, reference):
     assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 2
 
 
+@pytest.mark.slow
 def test_optim_recipes_under_jit_on_an_fsdp_mesh():
     """LAMB, a frozen image tower, layer decay and a text multiplier in the sharded step."""
     config = config_lib.config_from_flags(
