@@ -24,6 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    from jaxmedclip import config_lib  # Imports no jax: XLA_FLAGS can still be set after.
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -34,12 +36,9 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--cpu_devices", type=int, default=None, help="fake CPU devices (sets XLA_FLAGS)"
     )
     args, rest = parser.parse_known_args(argv)
-    bad = [item for item in rest if not item.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}; overrides look like --config.field=value")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
-    return args, [item[len("--config.") :] for item in rest]
+    return args, config_lib.override_flags(parser, rest)
 
 
 def random_batch(config, mesh, seed: int = 0) -> dict:
@@ -67,13 +66,13 @@ def random_batch(config, mesh, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    sys.path.insert(0, REPO)
     args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={args.cpu_devices}"
         ).strip()
-    sys.path.insert(0, REPO)
     import jax
 
     from jaxmedclip import config_lib, flops, train, trainer

@@ -14,31 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-
-from input_pipeline import chexpert, csv_manifest, mimic_cxr, synthetic_builder
-
-# data.name -> build(data_config); pipeline.DATASET_BUILDERS wins where it names one too.
-BUILDERS: dict[str, Callable] = {
-    "synthetic_cxr": synthetic_builder.build,
-    "csv_manifest": csv_manifest.build,
-    "mimic_cxr": mimic_cxr.build,
-    "chexpert": chexpert.build,
-}
-
-
-def builder_function(name: str) -> Callable:
-    """The build function of `data.name`."""
-    from input_pipeline import pipeline
-
-    builders = {**BUILDERS, **pipeline.DATASET_BUILDERS}
-    if name not in builders:
-        raise ValueError(f"data.name={name!r} is not a known dataset; available: "
-                         f"{', '.join(sorted(builders))}")
-    return builders[name]
+from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from input_pipeline import pipeline
     from jaxmedclip import config_lib
 
     parser = argparse.ArgumentParser(prog="python -m input_pipeline.build",
@@ -47,15 +27,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", required=True,
                         help="experiment file, e.g. experiments/x.py:arg")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = []
-    for flag in rest:
-        if not flag.startswith("--config."):
-            parser.error(f"unknown flag {flag!r}; overrides look like --config.data.x=value")
-        overrides.append(flag[len("--config."):])
+    overrides = config_lib.override_flags(parser, rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         config = config_lib.config_from_flags(args.config, overrides)
-        builder = builder_function(config.data.name)(config.data)
+        builder = pipeline.build_dataset(config.data)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{builder.name} {builder.builder_config.name} at {builder.data_dir}")

@@ -98,12 +98,17 @@ tensorflow_on_host()  # Before any TensorFlow op can claim accelerator memory.
 def prepare(data_config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder,
                                                               Tokenizer]:
     """Builds the dataset and trains its tokenizer where needed; returns both."""
+    builder = build_dataset(data_config)
+    return builder, ensure_tokenizer(data_config, builder)
+
+
+def build_dataset(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder of `data.name` (built first where absent)."""
     build = DATASET_BUILDERS.get(data_config.name)
     if build is None:
         raise ValueError(f"data.name={data_config.name!r} is not a known dataset; "
                          f"available: {', '.join(sorted(DATASET_BUILDERS))}")
-    builder = build(data_config)
-    return builder, ensure_tokenizer(data_config, builder)
+    return build(data_config)
 
 
 def decode_and_resize(encoded_png: tf.Tensor, size: int) -> tf.Tensor:

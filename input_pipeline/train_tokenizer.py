@@ -26,23 +26,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=None,
                         help="where to write the .model (default: beside the records)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; overrides look like "
-                         "--config.field=value")
-        overrides.append(item[len("--config."):])
-
     from input_pipeline import pipeline, tokenizer
     from jaxmedclip import config_lib
 
+    overrides = config_lib.override_flags(parser, rest)
+
     try:
         config = config_lib.config_from_flags(args.config, overrides)
-        build = pipeline.DATASET_BUILDERS.get(config.data.name)
-        if build is None:
-            raise ValueError(f"data.name={config.data.name!r} is not a known dataset; "
-                             f"available: {', '.join(sorted(pipeline.DATASET_BUILDERS))}")
-        builder = build(config.data)
+        builder = pipeline.build_dataset(config.data)
         if args.split.split("[")[0] not in builder.info.splits:
             raise ValueError(f"split {args.split!r} not in {sorted(builder.info.splits)}")
         path = tokenizer.train_tokenizer(config.data, builder, args.split, args.out)

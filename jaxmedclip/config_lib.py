@@ -116,6 +116,15 @@ def apply_overrides(
     return config
 
 
+def override_flags(parser, rest: Iterable[str]) -> list[str]:
+    """`--config.a.b=value` items left over by `parser.parse_known_args` -> ["a.b=value"];
+    anything else is reported through `parser.error` (exits with usage)."""
+    bad = [item for item in rest if not item.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; overrides look like --config.field=value")
+    return [item[len("--config.") :] for item in rest]
+
+
 def config_from_flags(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     """`--config path.py:arg` plus `--config.field=value` overrides."""
     return apply_overrides(load_config(spec), overrides)

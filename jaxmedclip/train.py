@@ -75,14 +75,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help="discover the cluster automatically (TPU pod slices, SLURM)",
     )
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(
-                f"unrecognised argument {item!r}; overrides look like --config.field=value"
-            )
-        overrides.append(item[len("--config.") :])
-    return args, overrides
+    return args, config_lib.override_flags(parser, rest)
 
 
 class MetricsWriter:
