@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Train-step speed of the reference recipe (experiments/vit_b16_mimic.py: ViT-B/16 224 px +
+# 12-layer text tower, bf16, ring loss) on one accelerator, at a few batch sizes, with and
+# without rematerialisation, and with GradCache micro-batches. Each variant runs in its own
+# process (a failure or an out-of-memory stops only that line). Needs no tensorflow.
+#   bash benchmarks/gpu_train_step.sh [steps]   # figures in docs/benchmarks.md
+set -u
+steps=${1:-10}
+cfg=experiments/vit_b16_mimic.py
+run() {
+  echo "=== $*"
+  timeout 150 python3 benchmarks/train_step.py --config $cfg --steps "$steps" --warmup 2 "$@" 2>&1 \
+    | grep -E "^(devices|global_batch_size|compile_and_first_step_s|step_time_s|samples_per_s|tflops_per_device|mfu|loss)|Error|error:" | tail -12
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+run --config.global_batch_size=256
+run --config.global_batch_size=256 --config.model.remat=False
+run --config.global_batch_size=512
+run --config.global_batch_size=1024
+run --config.global_batch_size=1024 --config.microbatch_size=256
