@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Train-step speed of the reference recipe (experiments/vit_b16_mimic.py: ViT-B/16 224 px +
 # 12-layer text tower, bf16, ring loss) on one accelerator, at a few batch sizes, with and
-# without rematerialisation, and with GradCache micro-batches. Each variant runs in its own
+# without rematerialisation, with GradCache micro-batches, and with fused attention. Each variant runs in its own
 # process (a failure or an out-of-memory stops only that line). Needs no tensorflow.
-#   bash benchmarks/gpu_train_step.sh [steps]   # figures in docs/benchmarks.md
+#   bash benchmarks/gpu_train_step.sh [steps] [all|cudnn]   # figures in docs/benchmarks.md
 set -u
 steps=${1:-10}
+only=${2:-all}  # "cudnn": only the baseline line and the fused-attention lines.
 cfg=experiments/vit_b16_mimic.py
 run() {
   echo "=== $*"
@@ -15,7 +16,14 @@ run() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 run --config.global_batch_size=256
-run --config.global_batch_size=256 --config.model.remat=False
-run --config.global_batch_size=512
-run --config.global_batch_size=1024
-run --config.global_batch_size=1024 --config.microbatch_size=256
+if [ "$only" = all ]; then
+  run --config.global_batch_size=256 --config.model.remat=False
+  run --config.global_batch_size=512
+  run --config.global_batch_size=1024
+  run --config.global_batch_size=1024 --config.microbatch_size=256
+fi
+# Fused attention (jax.nn.dot_product_attention implementation="cudnn").
+python3 benchmarks/attention_impl_check.py 2>&1 | tail -3
+run --config.global_batch_size=256 --config.model.attention_impl=cudnn
+run --config.global_batch_size=512 --config.model.attention_impl=cudnn
+run --config.global_batch_size=1024 --config.model.attention_impl=cudnn

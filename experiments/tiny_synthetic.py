@@ -132,6 +132,7 @@ def get_config(arg=None):
     config.model.param_dtype = "float32"
     config.model.remat = False
     config.model.scan_layers = False
+    config.model.attention_impl = None  # jax.nn.dot_product_attention: None/"xla"/"cudnn".
     config.model.temperature_init = 1 / 0.07
     config.model.max_scale = 100.0
     config.model.bias_init = -10.0

@@ -69,6 +69,9 @@ def get_config(arg=None):
     config.model.param_dtype = "float32"
     config.model.remat = True
     config.model.scan_layers = True
+    # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn" (fused, NVIDIA
+    # GPUs, bf16); see docs/benchmarks.md.
+    config.model.attention_impl = None
     config.model.temperature_init = 1 / 0.07
     config.model.max_scale = 100.0
     config.model.bias_init = -10.0

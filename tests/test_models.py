@@ -149,3 +149,16 @@ def test_vit_b16_mimic_builds_under_eval_shape():
     assert count(params["text_tower"]) > 12 * 12 * 512 * 512  # 12 layers of width 512.
     out = jax.eval_shape(model.apply, variables, images, tokens)
     assert out["image_emb"].shape == (2, 512) and out["text_emb"].shape == (2, 512)
+
+
+def test_attention_impl_is_checked_and_xla_matches_default():
+    config, model = _tiny()
+    images, tokens = _inputs(config)
+    variables = model.init(jax.random.key(0), images, tokens)
+    _, xla_model = _tiny(**{"model.attention_impl": "'xla'"})
+    a, b = model.apply(variables, images, tokens), xla_model.apply(variables, images, tokens)
+    np.testing.assert_allclose(a["text_emb"], b["text_emb"], atol=1e-6)
+    with pytest.raises(ValueError, match="model.attention_impl='flash' is unknown"):
+        _tiny(**{"model.attention_impl": "'flash'"})
+    with pytest.raises(ValueError, match="needs model.dtype bfloat16"):
+        _tiny(**{"model.attention_impl": "'cudnn'"})  # tiny: float32

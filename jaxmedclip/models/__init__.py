@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from jaxmedclip.models.layers import ATTENTION_IMPLS
 from jaxmedclip.models.text import LAYOUTS, VARIANTS, TextTransformer
 from jaxmedclip.models.text import POOLS as TEXT_POOLS
 from jaxmedclip.models.two_tower import TwoTower, l2_normalize
@@ -23,7 +24,7 @@ __all__ = ["build_model", "TwoTower", "ViT", "TextTransformer", "l2_normalize"]
 
 def _choice(field: str, value, options) -> None:
     if value not in options:
-        raise ValueError(f"{field}={value!r} is unknown; choose one of {sorted(options)}")
+        raise ValueError(f"{field}={value!r} is unknown; choose one of {sorted(options, key=str)}")
 
 
 def _dtype(field: str, name: str):
@@ -57,7 +58,13 @@ def build_model(
             f"model.image_projection=False needs model.image.width ({image_cfg.width}) == "
             f"model.embed_dim ({model_config.embed_dim})"
         )
+    attention_impl = model_config.get("attention_impl", None)
+    _choice("model.attention_impl", attention_impl, ATTENTION_IMPLS)
     dtype = _dtype("model.dtype", model_config.dtype)
+    if attention_impl == "cudnn" and dtype == jnp.float32:
+        raise ValueError(
+            'model.attention_impl="cudnn" needs model.dtype bfloat16 or float16; got float32'
+        )
     param_dtype = _dtype("model.param_dtype", model_config.param_dtype)
     size, patch = data_config.image_size, image_cfg.patch_size
     if size % patch:
@@ -77,6 +84,7 @@ def build_model(
         param_dtype=param_dtype,
         remat=model_config.remat,
         scan_layers=model_config.scan_layers,
+        attention_impl=attention_impl,
     )
     image_tower = IMAGE_TOWERS[image_cfg.name](
         patch_size=patch,

@@ -6,6 +6,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...) 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -34,16 +35,31 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.
     )
 
 
+# `jax.nn.dot_product_attention` implementations: None (XLA), "xla", or "cudnn" (fused
+# flash attention on NVIDIA GPUs; bfloat16/float16 only).
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
 class Attention(nn.Module):
-    """Multi-head attention with separate q/k/v projections ([embed] -> [heads, kv])."""
+    """Multi-head attention with separate q/k/v projections ([embed] -> [heads, kv]).
+
+    Masking is structural, so that fused kernels can apply it: `is_causal`, and
+    `kv_lengths` [batch] (keys at positions >= the row's length are ignored: trailing
+    padding).
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(
-        self, inputs_q: jax.Array, inputs_kv: jax.Array, mask: jax.Array | None = None
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array,
+        kv_lengths: jax.Array | None = None,
+        is_causal: bool = False,
     ) -> jax.Array:
         width = inputs_q.shape[-1]
         if width % self.num_heads:
@@ -74,8 +90,14 @@ class Attention(nn.Module):
         q = project("query", inputs_q)
         k = project("key", inputs_kv)
         v = project("value", inputs_kv)
-        # mask: [batch, 1, q_len, kv_len] boolean, True where attention is allowed.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=is_causal,
+            key_value_seq_lengths=kv_lengths,
+            implementation=self.implementation,
+        )
         out_kernel = param(
             "out_kernel", (self.num_heads, head_dim, width), ("heads", "kv", "embed"), (0, 1), 2
         )
@@ -126,27 +148,38 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     post_norm: bool = False
+    causal: bool = False
+    attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None) -> tuple[jax.Array, None]:
         x = nn.with_logical_constraint(
             x, ("activation_batch", "activation_seq", "activation_embed")
         )
-        attn = Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")
+        attn = functools.partial(
+            Attention(
+                self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn"
+            ),
+            kv_lengths=kv_lengths,
+            is_causal=self.causal,
+        )
         mlp = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")
         norm1 = layer_norm(self.dtype, self.param_dtype, "norm1")
         norm2 = layer_norm(self.dtype, self.param_dtype, "norm2")
         if self.post_norm:
-            x = norm1(x + attn(x, x, mask))
+            x = norm1(x + attn(x, x))
             return norm2(x + mlp(x)), None
         y = norm1(x)
-        x = x + attn(y, y, mask)
+        x = x + attn(y, y)
         x = x + mlp(norm2(x))
         return x, None
 
 
 class Encoder(nn.Module):
     """A stack of `depth` blocks, optionally rematerialised and/or scanned over layers.
+
+    Attention is `causal` or not, over the first `kv_lengths` [batch] positions of each
+    row (None: all).
 
     Pre-LayerNorm blocks end with a final LayerNorm; post-LayerNorm ones (`post_norm`,
     BERT's layout) need none.
@@ -160,9 +193,11 @@ class Encoder(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     post_norm: bool = False
+    causal: bool = False
+    attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         block = Block
         if self.remat:
             block = nn.remat(block, prevent_cse=not self.scan_layers)
@@ -172,6 +207,8 @@ class Encoder(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             post_norm=self.post_norm,
+            causal=self.causal,
+            attention_impl=self.attention_impl,
         )
         if self.scan_layers:
             stack = nn.scan(
@@ -182,10 +219,10 @@ class Encoder(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**kwargs, name="blocks")(x, mask)
+            x, _ = stack(**kwargs, name="blocks")(x, kv_lengths)
         else:
             for i in range(self.depth):
-                x, _ = block(**kwargs, name=f"block_{i}")(x, mask)
+                x, _ = block(**kwargs, name=f"block_{i}")(x, kv_lengths)
         if self.post_norm:
             return x
         return layer_norm(self.dtype, self.param_dtype, "final_norm")(x)

@@ -41,6 +41,7 @@ class TextTransformer(nn.Module):
     scan_layers: bool = False
     pool: str | None = None
     layout: str = "pre_ln"
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,10 +70,9 @@ class TextTransformer(nn.Module):
         bert = self.layout == "bert"
         if bert:
             x = layer_norm(self.dtype, self.param_dtype, "embed_norm")(x)
-        valid = tokens != self.pad_id
-        mask = valid[:, None, None, :]
-        if self.variant == "causal":
-            mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+        # Rows are right-padded (input_pipeline.tokenizer), so the non-pad count is where
+        # each row's padding starts: keys from there on are ignored.
+        lengths = jnp.sum(tokens != self.pad_id, axis=1, dtype=jnp.int32)
         x = Encoder(
             self.depth,
             self.num_heads,
@@ -82,8 +82,10 @@ class TextTransformer(nn.Module):
             self.remat,
             self.scan_layers,
             post_norm=bert,
+            causal=self.variant == "causal",
+            attention_impl=self.attention_impl,
             name="encoder",
-        )(x, mask)
+        )(x, lengths)
         pool = self.pool or ("eos" if self.variant == "causal" else "first")
         if pool == "eos":
             index = jnp.argmax(tokens == self.eos_id, axis=1)

@@ -52,6 +52,7 @@ class ViT(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     pre_norm: bool = False
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -102,6 +103,7 @@ class ViT(nn.Module):
             self.param_dtype,
             self.remat,
             self.scan_layers,
+            attention_impl=self.attention_impl,
             name="encoder",
         )(x)
         if self.pool == "cls":
