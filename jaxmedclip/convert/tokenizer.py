@@ -8,6 +8,7 @@ with `padding="max_length", truncation=True`, rows cut to keep EOS and padded wi
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from input_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -15,6 +16,8 @@ from input_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 SPM_UNIGRAM, SPM_BPE = 1, 2
 SPM_NORMAL = 1
 SPACE = "\u2581"  # SentencePiece's visible space.
+
+log = logging.getLogger(__name__)
 
 
 def _model_proto(model_path: str):
@@ -53,6 +56,12 @@ def build_tokenizer(model_path: str):
     normal = [p.type == SPM_NORMAL for p in proto.pieces]
     model_type = proto.trainer_spec.model_type
     if model_type == SPM_UNIGRAM:
+        log.warning(
+            "%s is a unigram SentencePiece model: `tokenizers` breaks ties between equally "
+            "scored segmentations differently (e.g. '___' -> '_' '__' instead of '__' '_'), "
+            "so rare texts get other ids than ours; a BPE model exports exactly",
+            model_path,
+        )
         model = models.Unigram(
             list(zip(pieces, scores, strict=True)), unk_id=UNK_ID, byte_fallback=False
         )
