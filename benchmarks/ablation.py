@@ -1,6 +1,6 @@
 """Ablation of the medical CLIP methods on the built-in synthetic data (issue #9).
 
-  python benchmarks/ablation.py [--methods clip,medclip,gloria] [--seeds 0,1,2] \
+  python benchmarks/ablation.py [--methods clip,medclip,gloria,cxrclip] [--seeds 0,1,2] \
       [--steps 1000] [--workdir /tmp/jaxmedclip_ablation] [--out docs/ablation.md] \
       [--bootstrap_samples 200] [--cpu_devices 8]
 
@@ -13,7 +13,9 @@ and the linear probe's mean AUC at 1% of the training labels. Writes a markdown 
 
 Methods are the experiment files: clip = experiments/tiny_synthetic.py, medclip =
 experiments/medclip_synthetic.py (soft targets from label similarity), gloria =
-experiments/gloria_synthetic.py (plus the local word-region loss).
+experiments/gloria_synthetic.py (plus the local word-region loss), cxrclip =
+experiments/cxrclip_synthetic.py (two views and two texts per study, image-image and
+text-text terms; each step runs the towers on twice the examples).
 
 Each run lives in `<workdir>/<method>/steps<N>_seed<S>/`. A run whose final checkpoint
 and `ablation_run.json` (metrics and wall times) exist is reused; a run with its final
@@ -39,6 +41,7 @@ METHODS = {
     "clip": "experiments/tiny_synthetic.py",
     "medclip": "experiments/medclip_synthetic.py",
     "gloria": "experiments/gloria_synthetic.py",
+    "cxrclip": "experiments/cxrclip_synthetic.py",
 }
 PROBE_FRACTION = 0.01
 RUN_FILE = "ablation_run.json"
@@ -58,7 +61,9 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", default="clip,medclip,gloria", help="comma-separated")
+    parser.add_argument(
+        "--methods", default="clip,medclip,gloria,cxrclip", help="comma-separated"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
     parser.add_argument("--steps", type=int, default=1000, help="training steps per run")
     parser.add_argument("--workdir", default="/tmp/jaxmedclip_ablation")

@@ -31,6 +31,9 @@ import tensorflow as tf
 # Salts: independent random streams per use (the example order uses its own, pipeline.py).
 SALT_GEOMETRY = 11
 SALT_PHOTOMETRIC = 12
+# Stream k (e.g. the second image of a multi-view example, k = 1) offsets every salt by
+# k * SALT_STREAM_STRIDE: an independent draw for the same example position.
+SALT_STREAM_STRIDE = 1000
 _UNIFORM_BITS = 24  # float32 holds every value of a 24-bit draw exactly.
 _WIDEST_PACKET = 16  # float32 lanes of the widest SIMD registers (AVX-512).
 
@@ -129,12 +132,18 @@ def _mix64(x: tf.Tensor) -> tf.Tensor:
 
 
 def augment_images(images: tf.Tensor, positions: tf.Tensor, seed: int,
-                   config: AugmentConfig) -> tf.Tensor:
-    """float32 [N, S, S, C] in [0, 1] -> augmented, same shape and range."""
+                   config: AugmentConfig, stream: int = 0) -> tf.Tensor:
+    """float32 [N, S, S, C] in [0, 1] -> augmented, same shape and range.
+
+    `stream`: which independent augmentation of an example position (0: the image;
+    1: the second image of a multi-view example)."""
+    offset = stream * SALT_STREAM_STRIDE
     if config.geometric:
-        images = _geometric(images, uniform(seed, SALT_GEOMETRY, positions, 6), config)
+        u = uniform(seed, SALT_GEOMETRY + offset, positions, 6)
+        images = _geometric(images, u, config)
     if config.photometric:
-        images = _photometric(images, uniform(seed, SALT_PHOTOMETRIC, positions, 3), config)
+        u = uniform(seed, SALT_PHOTOMETRIC + offset, positions, 3)
+        images = _photometric(images, u, config)
     return images
 
 

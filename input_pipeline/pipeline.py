@@ -32,6 +32,8 @@ Batches are host-local dicts of `b` rows:
                              the batch's sum is its count of skipped examples
   text            bytes [b]  the normalised text (only when train=False)
   view            bytes [b]  "PA" / "AP" / "LATERAL" (only when train=False)
+  image2, tokens2, text_id2  a second view and a second text of the example (only when
+                  train=True and `data.multiview`; see multiview.py)
 
 Rows with mask=False are all zeros (texts empty).
 
@@ -65,7 +67,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import chexpert, csv_manifest, mimic_cxr, synthetic_builder
-from input_pipeline.augment import AugmentConfig, augment_images, keyed_uniform, uniform
+from input_pipeline import multiview as multiview_lib
+from input_pipeline.augment import (
+    SALT_STREAM_STRIDE,
+    AugmentConfig,
+    augment_images,
+    keyed_uniform,
+    uniform,
+)
 from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.tokenizer import Tokenizer, ensure_tokenizer, tensorflow_on_host
 
@@ -150,14 +159,17 @@ def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
                      num_sentences: int | None = None,
                      sentence_fraction: float | None = None,
                      max_sentences: int | None = None,
-                     full_report_prob: float = 0.0) -> tf.Tensor:
+                     full_report_prob: float = 0.0, stream: int = 0) -> tf.Tensor:
     """A random subset of each text's sentences in random order, joined by spaces.
 
     Row i depends on (seed, positions[i]) only. The subset size is `num_sentences`
     (capped at the count), else `ceil(sentence_fraction * count)`, else drawn uniformly
     from 1..min(count, max_sentences). With probability `full_report_prob` a row keeps
     its whole text, in order (so that full reports stay in the training distribution).
+    `stream` k > 0 draws independently of stream 0 (the second text of a multi-view
+    example): every salt is offset by k * `SALT_STREAM_STRIDE`.
     """
+    offset = stream * SALT_STREAM_STRIDE
     sentences = split_sentences(texts)
     counts = sentences.row_lengths()
     if num_sentences is not None:
@@ -165,7 +177,7 @@ def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
     elif sentence_fraction is not None:
         keep = tf.cast(tf.math.ceil(sentence_fraction * tf.cast(counts, tf.float64)), tf.int64)
     else:
-        u = uniform(seed, SALT_SENTENCE_COUNT, positions, 1)[:, 0]
+        u = uniform(seed, SALT_SENTENCE_COUNT + offset, positions, 1)[:, 0]
         most = counts if max_sentences is None else tf.minimum(counts, max_sentences)
         keep = 1 + tf.cast(tf.floor(u * tf.cast(most, tf.float32)), tf.int64)
     keep = tf.clip_by_value(keep, tf.minimum(counts, 1), counts)
@@ -173,8 +185,8 @@ def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
     row_of = sentences.value_rowids()
     within = tf.range(tf.size(row_of, out_type=tf.int64)) - tf.gather(
         sentences.row_starts(), row_of)
-    keys = keyed_uniform(seed, SALT_SENTENCES, tf.gather(tf.cast(positions, tf.int64), row_of),
-                         within)
+    keys = keyed_uniform(seed, SALT_SENTENCES + offset,
+                         tf.gather(tf.cast(positions, tf.int64), row_of), within)
     order = tf.argsort(tf.cast(row_of, tf.float64) + tf.cast(keys, tf.float64), stable=True)
     shuffled = tf.RaggedTensor.from_row_splits(tf.gather(sentences.flat_values, order),
                                                sentences.row_splits)
@@ -183,7 +195,7 @@ def select_sentences(texts: tf.Tensor, positions: tf.Tensor, seed: int,
     selected = tf.strings.reduce_join(kept, axis=1, separator=" ")
     if not full_report_prob:
         return selected
-    full = uniform(seed, SALT_FULL_REPORT, positions, 1)[:, 0] < full_report_prob
+    full = uniform(seed, SALT_FULL_REPORT + offset, positions, 1)[:, 0] < full_report_prob
     return tf.where(full, texts, selected)
 
 
@@ -331,6 +343,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     if text_source not in TEXT_SOURCES:
         raise ValueError(f"data.text={text_source!r}; expected one of {TEXT_SOURCES}")
     augment = AugmentConfig.from_config(data_config.get("augment"))
+    multiview = multiview_lib.MultiviewData.from_config(data_config, augment) if train else None
     max_bad_fraction = data_config.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
     missing = [k for k in REQUIRED_FEATURES if k not in builder.info.features]
     if missing:
@@ -343,6 +356,8 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     local_batch_size = global_batch_size // process_count
     first = process_index * local_batch_size
     order = EpochOrder(num_records, seed)
+    if multiview is not None:
+        study_index = multiview_lib.StudyIndex(multiview_lib.read_study_ids(source))
 
     def rows_of_step(step):
         positions = step * global_batch_size + first + tf.range(local_batch_size,
@@ -357,7 +372,17 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         serialized = tf.numpy_function(source.read, [index], tf.string, stateful=False,
                                        name="read_records")
         serialized.set_shape([local_batch_size])
-        return {"position": positions, "serialized": serialized, "valid": valid}
+        rows = {"position": positions, "serialized": serialized, "valid": valid}
+        if multiview is not None:
+            u = uniform(seed, multiview_lib.SALT_OTHER_VIEW, positions, 1)[:, 0]
+            other = tf.numpy_function(study_index.other_views, [index, u], tf.int64,
+                                      stateful=False, name="other_view")
+            other.set_shape([local_batch_size])
+            rows["has_other_view"] = other >= 0
+            rows["serialized_other_view"] = tf.numpy_function(
+                lambda o: multiview_lib.read_other_views(source, o), [other], tf.string,
+                stateful=False, name="read_other_views")
+        return rows
 
     if train:
         steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // global_batch_size)
@@ -365,24 +390,49 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         steps = tf.data.Dataset.range(start_step, -(-num_records // global_batch_size))
     features = builder.info.features
     parse = _batch_parser(features)
+    image_only = {"image": tf.io.FixedLenFeature([], tf.string, default_value="")}
 
-    def text_and_checks(rows):
-        example = parse(rows.pop("serialized"))
-        text = select_text(example["findings"], example["impression"], text_source)
+    def training_text(example, positions, section, stream):
+        """The text of `section` (a `data.text` value), sentence-sampled in training."""
+        text = select_text(example["findings"], example["impression"], section)
         if text_source == "sentences" and train:
-            text = select_sentences(text, rows["position"], seed,
+            text = select_sentences(text, positions, seed,
                                     data_config.get("num_sentences"),
                                     data_config.get("sentence_fraction"),
                                     data_config.get("max_sentences"),
-                                    data_config.get("full_report_prob", 0.0))
+                                    data_config.get("full_report_prob", 0.0), stream=stream)
         if "has_report" in example:
             text = tf.where(tf.cast(example["has_report"], tf.bool), text, "")
-        normalized, tokens = tokenizer.tf_normalize_and_encode(text)
+        return text
+
+    def png_check(images):
         intact = tf.numpy_function(
             lambda images: np.array([png_is_intact(x) for x in images.tolist()], dtype=bool),
-            [example["image"]], tf.bool, stateful=False, name="check_png")
+            [images], tf.bool, stateful=False, name="check_png")
         intact.set_shape([local_batch_size])
+        return intact
+
+    def text_and_checks(rows):
+        example = parse(rows.pop("serialized"))
+        positions = rows["position"]
+        sections = (text_source,)
+        if multiview is not None:
+            sections = {"resample": (text_source, text_source),
+                        "findings_impression": ("findings", "impression")}[multiview.texts]
+        text = training_text(example, positions, sections[0], stream=0)
+        normalized, tokens = tokenizer.tf_normalize_and_encode(text)
+        intact = png_check(example["image"])
         good = intact & (tf.strings.length(normalized) > 0) if train else intact
+        second = {}
+        if multiview is not None:
+            text2 = training_text(example, positions, sections[1],
+                                  stream=multiview_lib.SECOND_STREAM)
+            second["text2"], second["tokens2"] = tokenizer.tf_normalize_and_encode(text2)
+            other = tf.io.parse_example(rows.pop("serialized_other_view"), image_only)
+            second["encoded_image2"] = tf.where(rows.pop("has_other_view"), other["image"],
+                                                example["image"])
+            good &= png_check(second["encoded_image2"]) & (
+                tf.strings.length(second["text2"]) > 0)
         valid = rows["valid"]
         labels = tf.cast(example["labels"], tf.float32)
         labels.set_shape([local_batch_size, NUM_FINDINGS])
@@ -397,6 +447,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
             "study_id": text_hash(example["study_id"]),
             "labels": tf.where(present, labels, tf.zeros_like(labels)),
             "labels_present": present,
+            **second,
         }
         if not train:
             out["view"] = example["view"]
@@ -406,25 +457,36 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
 
     def decode(row):
         row = dict(row)
-        encoded = row.pop("encoded_image")
-        row["image"] = tf.cond(row["decode"], lambda: decode_and_resize(encoded, size),
-                               lambda: tf.zeros([size, size, 1], tf.float32))
+        for name in ("image", "image2"):
+            if f"encoded_{name}" in row:
+                encoded = row.pop(f"encoded_{name}")
+                row[name] = tf.cond(row["decode"],
+                                    lambda encoded=encoded: decode_and_resize(encoded, size),
+                                    lambda: tf.zeros([size, size, 1], tf.float32))
         return row
 
     def finish(batch):
         batch = dict(batch)
         positions, mask = batch.pop("position"), batch.pop("decode")
-        images = batch["image"]
-        if train and augment.enabled:
-            images = augment_images(images, positions, seed, augment)
-        images = (images - data_config.image_mean) / data_config.image_std
-        out = {"image": tf.where(mask[:, None, None, None], images, tf.zeros_like(images)),
-               "mask": mask, "num_skipped": batch["num_skipped"]}
-        for key in ("tokens", "study_id", "labels", "labels_present"):
+        out = {}
+        for stream, name in enumerate(("image", "image2")):
+            if name not in batch:
+                continue
+            images = batch[name]
+            if train and augment.enabled:
+                images = augment_images(images, positions, seed, augment, stream=stream)
+            images = (images - data_config.image_mean) / data_config.image_std
+            out[name] = tf.where(mask[:, None, None, None], images, tf.zeros_like(images))
+        out.update(mask=mask, num_skipped=batch["num_skipped"])
+        for key in ("tokens", "tokens2", "study_id", "labels", "labels_present"):
+            if key not in batch:
+                continue
             value = batch[key]
             out[key] = tf.where(tf.reshape(mask, [-1] + [1] * (value.shape.rank - 1)), value,
                                 tf.zeros_like(value))
         out["text_id"] = tf.where(mask, text_hash(batch["text"]), 0)
+        if "text2" in batch:
+            out["text_id2"] = tf.where(mask, text_hash(batch["text2"]), 0)
         if not train:
             out["text"] = tf.where(mask, batch["text"], "")
             out["view"] = tf.where(mask, batch["view"], "")

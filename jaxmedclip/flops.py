@@ -33,7 +33,8 @@ def _encoder_forward(tokens: int, width: int, depth: int, mlp_ratio: float) -> f
 
 
 def forward_flops_per_example(config: ml_collections.ConfigDict) -> float:
-    """Forward FLOPs of one image-report pair (both towers, projections and the loss row)."""
+    """Forward FLOPs of one image-report pair (both towers, projections and the loss row);
+    with `loss.multiview`, of its two views and two texts and the row of every term."""
     data, model = config.data, config.model
     image, text = model.image, model.text
     patches = (data.image_size // image.patch_size) ** 2
@@ -44,8 +45,14 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> float:
         flops += 2 * (3 * image_tokens + 1) * image.width * image.width
     flops += _encoder_forward(data.max_text_len, text.width, text.depth, text.mlp_ratio)
     flops += 2 * model.embed_dim * (image.width + text.width)
-    # One row and one column of the global [B, B] logit matrix per example.
-    flops += 2 * 2 * config.global_batch_size * model.embed_dim
+    loss_terms = 1
+    multiview = config.loss.get("multiview") if config.get("loss") is not None else None
+    if multiview is not None:
+        flops *= 2  # Both towers run on the second view and text too.
+        loss_terms = 4 + sum(multiview.get(f"{name}_weight", 1.0) > 0
+                             for name in ("image_image", "text_text"))
+    # One row and one column of the global [B, B] logit matrix per example and term.
+    flops += loss_terms * 2 * 2 * config.global_batch_size * model.embed_dim
     return float(flops)
 
 

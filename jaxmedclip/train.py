@@ -170,6 +170,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("total_steps", "global_batch_size", "log_every"):
         if int(config[field]) <= 0:
             raise ValueError(f"{field}={config[field]} must be a positive integer")
+    data_views = bool(config.data.get("multiview", False))
+    if trainer.multiview_enabled(config.loss) and not data_views:
+        raise ValueError(
+            "loss.multiview (the CXR-CLIP terms) needs a second view and text per example: "
+            "set data.multiview=True (and data.augment; see input_pipeline/multiview.py)"
+        )
+    if data_views and not trainer.multiview_enabled(config.loss):
+        raise ValueError(
+            "data.multiview=True reads a second view and text per example that only "
+            "loss.multiview uses: set loss.multiview (e.g. an empty ConfigDict for the "
+            "default weights) or data.multiview=False"
+        )
     policy = checkpointing.CheckpointPolicy.from_config(config)
     if policy.best_metric is not None and not evaluation.eval_config(config).every_steps:
         raise ValueError(
@@ -236,7 +248,7 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtyp
     b = config.global_batch_size
     images, tokens = trainer.dummy_inputs(config.data, b)
     num_labels = len(CHEXPERT_FINDINGS)
-    return {
+    batch = {
         "image": images,
         "tokens": tokens,
         "study_id": jax.ShapeDtypeStruct((b,), jnp.int32),
@@ -245,6 +257,9 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtyp
         "labels_present": jax.ShapeDtypeStruct((b, num_labels), jnp.bool_),
         "mask": jax.ShapeDtypeStruct((b,), jnp.bool_),
     }
+    if config.data.get("multiview", False):  # input_pipeline/multiview.py
+        batch.update(image2=images, tokens2=tokens, text_id2=batch["text_id"])
+    return batch
 
 
 def compile_report(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, float]:

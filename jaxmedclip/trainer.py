@@ -14,6 +14,12 @@ alignment loss (`jaxmedclip.methods.local_alignment`):
 text kept by sub-word pooling; default None: the text length), t1, t2, t3, impl
 (default: `loss.impl`), i2t_weight, t2i_weight. The term needs the model's local
 projections (`model.local_dim`) and the tokenizer's word-start table (`word_starts`).
+
+When `config.loss.multiview` is set (CXR-CLIP), the towers also embed the batch's second
+images and texts (`image2`, `tokens2`, from the input pipeline's `data.multiview`) and
+the global loss is replaced by the multi-view combination of
+`jaxmedclip.methods.multiview` (image-text over the 2x2 pairs, image-image, text-text).
+It is not combined with `loss.local` or GradCache (`microbatch_size`).
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxmedclip import losses, parallel
-from jaxmedclip.methods import local_alignment
+from jaxmedclip.methods import local_alignment, multiview
 
 # The model outputs the loss reads per example (the rest, scale and bias, are scalars).
 EMBEDDINGS = ("image_emb", "text_emb")
+# The batch fields of the second view and text that `loss.multiview` reads.
+MULTIVIEW_INPUTS = ("image2", "tokens2")
 LOCAL_FEATURES = ("image_local", "text_local")
 
 
@@ -215,6 +223,29 @@ class LocalTerm:
         )
 
 
+def multiview_enabled(loss_config: ml_collections.ConfigDict | None) -> bool:
+    """Whether `loss.multiview` (CXR-CLIP's multi-view terms) is set."""
+    return loss_config is not None and loss_config.get("multiview") is not None
+
+
+def _check_multiview(loss_config, local: LocalTerm | None, microbatch_size) -> bool:
+    """Whether the multi-view objective is on, once its settings are known to fit."""
+    if not multiview_enabled(loss_config):
+        return False
+    multiview.MultiviewSpec.from_config(loss_config.multiview)
+    if local is not None:
+        raise ValueError(
+            "loss.multiview and loss.local are not supported together (the local term "
+            "would need a choice of view and text); switch one of them off"
+        )
+    if microbatch_size is not None:
+        raise ValueError(
+            f"loss.multiview does not support GradCache (microbatch_size={microbatch_size}): "
+            "set microbatch_size=None"
+        )
+    return True
+
+
 def make_loss_and_grads(
     model: nn.Module,
     loss_config: ml_collections.ConfigDict,
@@ -250,13 +281,25 @@ def make_loss_and_grads(
     gradient accumulator in the parameters' layout (sharded for FSDP).
     """
     local = LocalTerm.from_config(loss_config, word_starts, model)
+    with_views = _check_multiview(loss_config, local, microbatch_size)
     features = EMBEDDINGS + (LOCAL_FEATURES if local is not None else ())
 
-    def objective(out, batch):
-        """The loss of the module doc from the model's outputs (full global batch)."""
-        loss, metrics = losses.contrastive_loss(
-            out["image_emb"],
-            out["text_emb"],
+    def global_loss(out, batch):
+        """The global contrastive loss, or the multi-view terms (module doc)."""
+        if not with_views:
+            return losses.contrastive_loss(
+                out["image_emb"],
+                out["text_emb"],
+                out["scale"],
+                out["bias"],
+                batch,
+                config=loss_config,
+                mesh=mesh,
+                batch_axes=parallel.BATCH_AXES,
+            )
+        loss, metrics = multiview.multiview_loss(
+            (out["image_emb"], out["image_emb2"]),
+            (out["text_emb"], out["text_emb2"]),
             out["scale"],
             out["bias"],
             batch,
@@ -264,6 +307,14 @@ def make_loss_and_grads(
             mesh=mesh,
             batch_axes=parallel.BATCH_AXES,
         )
+        # The (view 1, text 1) pair is the plain CLIP pair: its accuracies stay comparable.
+        metrics.update(acc_i2t=metrics["image1_text1/acc_i2t"],
+                       acc_t2i=metrics["image1_text1/acc_t2i"])
+        return loss, metrics
+
+    def objective(out, batch):
+        """The loss of the module doc from the model's outputs (full global batch)."""
+        loss, metrics = global_loss(out, batch)
         metrics.update(scale=out["scale"], bias=out["bias"])
         if local is None:
             return loss, metrics
@@ -274,7 +325,17 @@ def make_loss_and_grads(
         return loss + local.weight * local_loss, metrics
 
     def loss_fn(params, batch):
-        return objective(model.apply({"params": params}, batch["image"], batch["tokens"]), batch)
+        out = model.apply({"params": params}, batch["image"], batch["tokens"])
+        if with_views:
+            missing = [k for k in MULTIVIEW_INPUTS if k not in batch]
+            if missing:
+                raise ValueError(
+                    f"loss.multiview needs the batch fields {missing} (a second view and "
+                    "text per example): set data.multiview=True"
+                )
+            second = model.apply({"params": params}, batch["image2"], batch["tokens2"])
+            out = {**out, "image_emb2": second["image_emb"], "text_emb2": second["text_emb"]}
+        return objective(out, batch)
 
     full_batch = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatch_size is None:

@@ -3,9 +3,12 @@
 - `loss.local` (GLoRIA local alignment): the 8-device train step equals a dense
   single-device reference of global + weight * local (loss and gradients), for the
   `all_gather` and `ring` implementations and with GradCache micro-batches;
-- `loss.targets="soft_labels"` (MedCLIP semantic matching) and `loss.local` run in the
-  train step of their example configs (experiments/medclip_synthetic.py,
-  experiments/gloria_synthetic.py) on synthetic studies, and the loss falls;
+- `loss.targets="soft_labels"` (MedCLIP semantic matching), `loss.local` and
+  `loss.multiview` (CXR-CLIP) run in the train step of their example configs
+  (experiments/medclip_synthetic.py, gloria_synthetic.py, cxrclip_synthetic.py) on
+  synthetic studies, and the loss falls;
+- `loss.multiview` is refused without `data.multiview` (and the reverse), with GradCache
+  and with `loss.local`;
 - default configs keep their parameter tree and outputs (no local parameters).
 """
 
@@ -18,7 +21,7 @@ import pytest
 
 from input_pipeline import synthetic_cxr
 from input_pipeline import tokenizer as tokenizer_lib
-from jaxmedclip import config_lib, losses, models, optim, parallel, trainer
+from jaxmedclip import config_lib, losses, models, optim, parallel, train, trainer
 from jaxmedclip.methods import local_alignment as la
 
 GLOBAL_BATCH = 16
@@ -211,7 +214,9 @@ def _param_shapes(model, config):
     return jax.tree.map(lambda x: x.shape, nn.unbox(variables["params"]))
 
 
-@pytest.mark.parametrize("name", ["tiny_synthetic", "medclip_synthetic", "vit_b16_mimic"])
+@pytest.mark.parametrize(
+    "name", ["tiny_synthetic", "medclip_synthetic", "cxrclip_synthetic", "vit_b16_mimic"]
+)
 def test_configs_without_local_loss_keep_their_param_tree(name):
     config = config_lib.load_config(f"experiments/{name}.py")
     assert config.loss.get("local") is None and config.model.get("local_dim") is None
@@ -355,3 +360,71 @@ def test_gloria_config_trains_with_local_loss(studies, sentencepiece_model):
     for m in history:
         expected = float(m["loss/global"]) + config.loss.local.weight * float(m["loss/local"])
         np.testing.assert_allclose(float(m["loss"]), expected, rtol=1e-5)
+
+
+def _multiview_batch(config, studies, model_path):
+    """`_study_batch` plus the second view (the study's other view, or its only image
+    flipped and brightened, standing in for a second augmentation) and, as the second
+    text, the impression (the first text is then the findings)."""
+    batch = _study_batch(config, studies, model_path)
+    tok = tokenizer_lib.Tokenizer(model_path, config.data.max_text_len)
+    chosen = studies[: config.global_batch_size]
+    second = [s.images[1] if len(s.images) > 1 else np.clip(s.images[0][:, ::-1] * 1.1, 0, 255)
+              for s in chosen]
+    images = np.stack(second).astype(np.float32) / 255.0
+    sections = [synthetic_cxr.report_sections(s.report) for s in chosen]
+    b = len(chosen)
+    return {
+        **batch,
+        "tokens": tok.encode_batch([f for f, _ in sections]),
+        "image2": ((images - config.data.image_mean) / config.data.image_std)[..., None],
+        "tokens2": tok.encode_batch([i for _, i in sections]),
+        "text_id2": np.arange(b, dtype=np.int32),
+    }
+
+
+def test_cxrclip_config_trains_with_multiview_terms(studies, sentencepiece_model):
+    config = _example_config("cxrclip_synthetic")
+    assert config.data.multiview and config.data.augment
+    weights = config.loss.multiview
+    assert (weights.image_text_weight, weights.image_image_weight,
+            weights.text_text_weight) == (1.0, 1.0, 0.5)
+    batch = _multiview_batch(config, studies, sentencepiece_model)
+    assert set(batch) == set(train.abstract_batch(config))
+    assert any(len(s.views) == 2 for s in studies[:GLOBAL_BATCH])
+    history = _train(config, batch)
+    loss = [float(m["loss"]) for m in history]
+    assert all(np.isfinite(loss)) and loss[-1] < loss[0], loss
+    for m in history:
+        expected = (float(m["loss_image_text"]) + float(m["loss_image_image"])
+                    + 0.5 * float(m["loss_text_text"]))
+        np.testing.assert_allclose(float(m["loss"]), expected, rtol=1e-5)
+        assert float(m["acc_i2t"]) == float(m["image1_text1/acc_i2t"])
+    # Both views and both texts learn: every term falls.
+    for term in ("loss_image_text", "loss_image_image", "loss_text_text"):
+        assert float(history[-1][term]) < float(history[0][term]), term
+
+
+def test_multiview_refusals(setup):
+    config = config_lib.load_config("experiments/cxrclip_synthetic.py:runlocal")
+    train.check_config(config)
+    no_views = config_lib.apply_overrides(config, ["data.multiview=False"])
+    with pytest.raises(ValueError, match=r"loss.multiview .* set data.multiview=True"):
+        train.check_config(no_views)
+    no_loss = ml_collections.ConfigDict(config.to_dict())
+    del no_loss.loss["multiview"]
+    with pytest.raises(ValueError, match=r"data.multiview=True .* set loss.multiview"):
+        train.check_config(no_loss)
+    loss_config = ml_collections.ConfigDict(config.loss.to_dict())
+    with pytest.raises(ValueError, match=r"does not support GradCache .* microbatch_size=None"):
+        trainer.make_loss_and_grads(setup.model, loss_config, setup.mesh, microbatch_size=8)
+    loss_config.local = ml_collections.ConfigDict(LOCAL)
+    with pytest.raises(ValueError, match=r"loss.multiview and loss.local are not supported"):
+        trainer.make_loss_and_grads(setup.model, loss_config, setup.mesh,
+                                    word_starts=setup.word_starts)
+    # A batch without the second view and text names the data switch.
+    plain = ml_collections.ConfigDict(config.loss.to_dict())
+    fn = trainer.make_loss_and_grads(setup.model, plain, setup.mesh)
+    with pytest.raises(ValueError, match=r"\['image2', 'tokens2'\].*data.multiview=True"):
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            jax.eval_shape(fn, setup.state.params, setup.batch)

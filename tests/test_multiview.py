@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxmedclip import losses
 from jaxmedclip.methods import multiview
 
 MESHES = {"data8": ((8,), ("data",)), "data4_fsdp2": ((4, 2), ("data", "fsdp"))}
@@ -118,3 +119,25 @@ def test_config_errors():
     with pytest.raises(ValueError, match="two image and two text"):
         multiview.multiview_loss(images[:1], texts, 1.0, None, batch, config=loss_config(),
                                  mesh=None, batch_axes="data")
+
+
+def test_second_text_terms_read_text_id2():
+    """multi_positive on text_id: the terms with text 2 match second texts by text_id2."""
+    images, texts, batch = make_inputs()
+    size = len(batch["mask"])
+    batch = {**batch, "text_id": np.arange(size, dtype=np.int32),
+             "text_id2": (np.arange(size) % 4).astype(np.int32)}
+    config = loss_config()
+    config.targets, config.multi_positive_key = "multi_positive", "text_id"
+    _, metrics, _ = run(config, images, texts, batch)
+    for a in (1, 2):
+        for b, ids in ((1, batch["text_id"]), (2, batch["text_id2"])):
+            expected, _ = losses.contrastive_loss(
+                images[a - 1], texts[b - 1], SCALE, None, {**batch, "text_id": ids},
+                config=config, mesh=None, batch_axes=())
+            loss = 0.5 * (metrics[f"image{a}_text{b}/loss_i2t"]
+                          + metrics[f"image{a}_text{b}/loss_t2i"])
+            np.testing.assert_allclose(loss, expected, rtol=1e-5, err_msg=f"{a}{b}")
+    # The second texts' shared ids make them positives: their term is not the first's.
+    assert not np.isclose(metrics["image1_text2/loss_i2t"],
+                          run(loss_config(), images, texts, batch)[1]["image1_text2/loss_i2t"])

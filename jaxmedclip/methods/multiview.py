@@ -16,6 +16,12 @@ contrastive loss of `jaxmedclip.losses.contrastive_loss` between embedding sets 
 Every term takes its negatives from the whole global batch exactly as the global loss
 does (`loss.impl`: dense / all_gather / ring), because each one is a
 `contrastive_loss` call. All terms share `scale` (and `bias` for sigmoid).
+
+Targets read the batch's per-example fields (`mask`, `study_id`, `text_id`, `labels`).
+When the batch holds `text_id2` (the hash of the second text, from the input pipeline's
+`data.multiview`), the terms with text 2, C(x_a, t2), read it as their `text_id`, so
+that `multi_positive` targets match second texts with second texts; image_image and
+text_text read the batch as it is.
 """
 
 from __future__ import annotations
@@ -87,8 +93,12 @@ def multiview_loss(
                          f"{len(image_embs)} and {len(text_embs)}")
     spec = MultiviewSpec.from_config(config.get("multiview"))
 
-    def term(a, b):
-        return losses.contrastive_loss(a, b, scale, bias, batch, config=config, mesh=mesh,
+    second_text_batch = batch
+    if "text_id2" in batch:
+        second_text_batch = {**batch, "text_id": batch["text_id2"]}
+
+    def term(a, b, term_batch=batch):
+        return losses.contrastive_loss(a, b, scale, bias, term_batch, config=config, mesh=mesh,
                                        batch_axes=batch_axes)
 
     metrics: dict[str, jax.Array] = {}
@@ -98,7 +108,8 @@ def multiview_loss(
         metrics.update({f"{prefix}/{k}": v for k, v in term_metrics.items()})
         return loss
 
-    pairs = [record(f"image{a + 1}_text{b + 1}", term(image_embs[a], text_embs[b]))
+    pairs = [record(f"image{a + 1}_text{b + 1}",
+                    term(image_embs[a], text_embs[b], (batch, second_text_batch)[b]))
              for a in range(2) for b in range(2)]
     image_text = sum(pairs)
     if spec.image_text_reduction == "mean":
