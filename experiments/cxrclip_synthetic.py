@@ -12,7 +12,10 @@ each C a global contrastive loss with negatives from the whole global batch. Tex
 (option `texts`): "findings_impression" (default: FINDINGS against IMPRESSION, each a
 sentence sample under tiny_synthetic's data.text="sentences", whole sections under
 runlocal's "report") or "resample" (two sentence samples of the report; runlocal then
-keeps data.text="sentences").
+keeps data.text="sentences"). Option `prompt_fraction` (default 0): that share of every
+global batch reads its labels written as text instead of its report (CXR-CLIP's
+labels-as-text; `data.decoupled`, input_pipeline/label_prompts.py), both texts then
+being prompt draws; label-only records (none in the synthetic data) always do.
 
 Everything else is tiny_synthetic's (loaded from the file beside this one, so the two
 stay in sync), plus the augmentation a one-view study needs for its second image:
@@ -40,6 +43,7 @@ def get_config(arg=None):
         texts="findings_impression",
         image_image_weight=1.0,
         text_text_weight=0.5,
+        prompt_fraction=0.0,
     )
     config = config_lib.load_config(
         f"{BASE}:runlocal={arg.runlocal},loss_impl={arg.loss_impl},"
@@ -53,6 +57,10 @@ def get_config(arg=None):
     config.data.augment = ml_collections.ConfigDict(
         dict(crop_scale=(0.7, 1.0), rotation_degrees=5.0, brightness=0.1, contrast=0.1)
     )
+    if arg.prompt_fraction:
+        config.data.decoupled = ml_collections.ConfigDict(
+            dict(image_only_fraction=arg.prompt_fraction)
+        )
     config.loss.multiview = ml_collections.ConfigDict(
         dict(
             image_text_weight=1.0,

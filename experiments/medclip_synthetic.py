@@ -6,6 +6,11 @@ two studies with the same findings are no longer pushed apart as negatives. Exam
 without any label (an all-blank row) keep a one-hot target. The batch's `labels`
 [b, 14] (1 / 0 / -1, blanks 0) come from the input pipeline.
 
+Option `prompt_fraction` (default 0): that share of every global batch are image-label
+examples, their text the labels written as text (MedCLIP's decoupled image-label data;
+`data.decoupled`, input_pipeline/label_prompts.py). Text-label examples (no image) are
+not supported yet.
+
 Everything else is tiny_synthetic's (loaded from the file beside this one, so the two
 stay in sync):
 
@@ -15,6 +20,8 @@ python -m jaxmedclip.train --config experiments/medclip_synthetic.py:runlocal --
 
 import os
 
+import ml_collections
+
 from jaxmedclip import config_lib
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py")
@@ -22,10 +29,19 @@ BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(
-        arg, runlocal=False, loss_impl="all_gather", total_steps=1000, temperature=0.1
+        arg,
+        runlocal=False,
+        loss_impl="all_gather",
+        total_steps=1000,
+        temperature=0.1,
+        prompt_fraction=0.0,
     )
     base_arg = f"runlocal={arg.runlocal},loss_impl={arg.loss_impl},total_steps={arg.total_steps}"
     config = config_lib.load_config(f"{BASE}:{base_arg},targets=soft_labels")
     # MedCLIP's semantic-matching temperature on the label cosines.
     config.loss.soft_target_temperature = arg.temperature
+    if arg.prompt_fraction:
+        config.data.decoupled = ml_collections.ConfigDict(
+            dict(image_only_fraction=arg.prompt_fraction)
+        )
     return config

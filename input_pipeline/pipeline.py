@@ -34,6 +34,9 @@ Batches are host-local dicts of `b` rows:
   view            bytes [b]  "PA" / "AP" / "LATERAL" (only when train=False)
   image2, tokens2, text_id2  a second view and a second text of the example (only when
                   train=True and `data.multiview`; see multiview.py)
+  label_prompt    bool [b]  the text is the record's labels written as text, an
+                  image-label example (only when train=True and `data.decoupled`; see
+                  label_prompts.py)
 
 Rows with mask=False are all zeros (texts empty).
 
@@ -66,7 +69,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import chexpert, csv_manifest, mimic_cxr, synthetic_builder
+from input_pipeline import (
+    chexpert,
+    csv_manifest,
+    label_prompts,
+    mimic_cxr,
+    synthetic_builder,
+)
 from input_pipeline import multiview as multiview_lib
 from input_pipeline.augment import (
     SALT_STREAM_STRIDE,
@@ -344,6 +353,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         raise ValueError(f"data.text={text_source!r}; expected one of {TEXT_SOURCES}")
     augment = AugmentConfig.from_config(data_config.get("augment"))
     multiview = multiview_lib.MultiviewData.from_config(data_config, augment) if train else None
+    decoupled = label_prompts.DecoupledData.from_config(data_config) if train else None
     max_bad_fraction = data_config.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
     missing = [k for k in REQUIRED_FEATURES if k not in builder.info.features]
     if missing:
@@ -373,6 +383,14 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
                                        name="read_records")
         serialized.set_shape([local_batch_size])
         rows = {"position": positions, "serialized": serialized, "valid": valid}
+        if decoupled is not None:
+            # Exactly k prompt rows per global batch: the k lowest draws of its positions.
+            batch_positions = step * global_batch_size + tf.range(global_batch_size,
+                                                                  dtype=tf.int64)
+            u = uniform(seed, label_prompts.SALT_PROMPT_ROWS, batch_positions, 1)[:, 0]
+            rank = tf.argsort(tf.argsort(u, stable=True), stable=True)
+            chosen = rank < decoupled.rows_per_batch(global_batch_size)
+            rows["prompt_row"] = chosen[first:first + local_batch_size]
         if multiview is not None:
             u = uniform(seed, multiview_lib.SALT_OTHER_VIEW, positions, 1)[:, 0]
             other = tf.numpy_function(study_index.other_views, [index, u], tf.int64,
@@ -392,8 +410,11 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     parse = _batch_parser(features)
     image_only = {"image": tf.io.FixedLenFeature([], tf.string, default_value="")}
 
-    def training_text(example, positions, section, stream):
-        """The text of `section` (a `data.text` value), sentence-sampled in training."""
+    def training_text(example, rows, section, stream):
+        """(text, is the label prompt or None): the text of `section` (a `data.text`
+        value), sentence-sampled in training; the label prompt where `data.decoupled`
+        asks for one."""
+        positions = rows["position"]
         text = select_text(example["findings"], example["impression"], section)
         if text_source == "sentences" and train:
             text = select_sentences(text, positions, seed,
@@ -403,7 +424,17 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
                                     data_config.get("full_report_prob", 0.0), stream=stream)
         if "has_report" in example:
             text = tf.where(tf.cast(example["has_report"], tf.bool), text, "")
-        return text
+        if decoupled is None:
+            return text, None
+        prompt = tf.numpy_function(
+            lambda labels, p: label_prompts.prompts(labels, p, seed, stream),
+            [example["labels"], positions], tf.string, stateful=False, name="label_prompts")
+        prompt.set_shape([local_batch_size])
+        wanted = rows["prompt_row"]
+        if decoupled.label_only_prompts and "has_report" in example:
+            wanted |= ~tf.cast(example["has_report"], tf.bool)
+        use = wanted & (tf.strings.length(prompt) > 0)
+        return tf.where(use, prompt, text), use
 
     def png_check(images):
         intact = tf.numpy_function(
@@ -414,19 +445,18 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
 
     def text_and_checks(rows):
         example = parse(rows.pop("serialized"))
-        positions = rows["position"]
         sections = (text_source,)
         if multiview is not None:
             sections = {"resample": (text_source, text_source),
                         "findings_impression": ("findings", "impression")}[multiview.texts]
-        text = training_text(example, positions, sections[0], stream=0)
+        text, prompted = training_text(example, rows, sections[0], stream=0)
         normalized, tokens = tokenizer.tf_normalize_and_encode(text)
         intact = png_check(example["image"])
         good = intact & (tf.strings.length(normalized) > 0) if train else intact
         second = {}
         if multiview is not None:
-            text2 = training_text(example, positions, sections[1],
-                                  stream=multiview_lib.SECOND_STREAM)
+            text2, _ = training_text(example, rows, sections[1],
+                                     stream=multiview_lib.SECOND_STREAM)
             second["text2"], second["tokens2"] = tokenizer.tf_normalize_and_encode(text2)
             other = tf.io.parse_example(rows.pop("serialized_other_view"), image_only)
             second["encoded_image2"] = tf.where(rows.pop("has_other_view"), other["image"],
@@ -449,6 +479,8 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
             "labels_present": present,
             **second,
         }
+        if prompted is not None:
+            out["label_prompt"] = prompted
         if not train:
             out["view"] = example["view"]
         return out
@@ -478,7 +510,8 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
             images = (images - data_config.image_mean) / data_config.image_std
             out[name] = tf.where(mask[:, None, None, None], images, tf.zeros_like(images))
         out.update(mask=mask, num_skipped=batch["num_skipped"])
-        for key in ("tokens", "tokens2", "study_id", "labels", "labels_present"):
+        for key in ("tokens", "tokens2", "study_id", "labels", "labels_present",
+                    "label_prompt"):
             if key not in batch:
                 continue
             value = batch[key]

@@ -259,6 +259,8 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtyp
     }
     if config.data.get("multiview", False):  # input_pipeline/multiview.py
         batch.update(image2=images, tokens2=tokens, text_id2=batch["text_id"])
+    if config.data.get("decoupled") is not None:  # input_pipeline/label_prompts.py
+        batch["label_prompt"] = batch["mask"]
     return batch
 
 

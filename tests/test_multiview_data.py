@@ -178,3 +178,21 @@ def test_first_view_and_text_are_unchanged_and_evaluation_ignores_it(data_dir, c
 def test_contradicting_configs_are_refused(data_dir, prepared, overrides, message):
     with pytest.raises(ValueError, match=message):
         batches(data_config(data_dir, **overrides), prepared, 1)
+
+
+def test_label_prompt_rows_get_a_second_prompt_draw(data_dir, prepared, records):
+    from input_pipeline import label_prompts, labeler
+
+    config = data_config(data_dir, decoupled=dict(image_only_fraction=0.5))
+    _, tok = prepared
+    [batch] = batches(config, prepared, 1)
+    index, _, positions = rows_of(records, 1)
+    prompted = batch["label_prompt"]
+    assert prompted.sum() == GLOBAL_BATCH // 2
+    for row in np.flatnonzero(prompted):
+        texts = [labeler.labels_to_prompt(records["labels"][index[row]], np.random.default_rng(
+            [0, label_prompts.SALT_PROMPT_TEXT, stream, int(positions[row])]))
+            for stream in (0, multiview.SECOND_STREAM)]
+        expected = tok.encode_batch([tokenizer.normalize_text(t) for t in texts])
+        np.testing.assert_array_equal(batch["tokens"][row], expected[0])
+        np.testing.assert_array_equal(batch["tokens2"][row], expected[1])

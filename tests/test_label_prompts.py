@@ -1,0 +1,190 @@
+"""Image-label examples (`data.decoupled`, input_pipeline/label_prompts.py): a fixed
+share of every global batch reads the record's labels written as text; label-only
+records take their prompt instead of being skipped; order and resume stay exact."""
+
+import io
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from input_pipeline import label_prompts, labeler, pipeline, tokenizer
+from input_pipeline.findings import NUM_FINDINGS
+
+GLOBAL_BATCH = 8
+
+
+def data_config(data_dir, **overrides):
+    return ml_collections.ConfigDict({**dict(
+        name="synthetic_cxr", data_dir=str(data_dir),
+        synthetic=dict(num_train=24, num_validation=4, num_test=4, source_image_size=32,
+                       seed=0),
+        image_size=32, image_mean=0.5, image_std=0.25, text="report", max_text_len=48,
+        vocab_size=256, tokenizer_type="unigram",
+        decoupled=dict(image_only_fraction=0.25)), **overrides})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def config(data_dir):
+    return data_config(data_dir)
+
+
+@pytest.fixture(scope="module")
+def prepared(config):
+    return pipeline.prepare(config)
+
+
+def batches(config, builder, tok, count, *, start_step=0, process_index=0, process_count=1,
+            train=True, split="train"):
+    dataset = pipeline.make_dataset(config, builder, tok, split,
+                                    global_batch_size=GLOBAL_BATCH, train=train, seed=0,
+                                    process_index=process_index,
+                                    process_count=process_count, start_step=start_step)
+    return list(dataset.take(count).as_numpy_iterator())
+
+
+def record_labels(builder, split="train"):
+    """float [N, 14] (NaN blank): every record's labels, in stored order."""
+    source = builder.as_data_source(split=split)
+    return np.stack([source[i]["labels"] for i in range(len(source))])
+
+
+def expected_prompts(labels, positions, tok):
+    texts = [labeler.labels_to_prompt(row, np.random.default_rng(
+        [0, label_prompts.SALT_PROMPT_TEXT, 0, int(p)])) for row, p in zip(
+        labels, positions, strict=True)]
+    return tok.encode_batch([tokenizer.normalize_text(t) for t in texts])
+
+
+def test_a_fixed_share_of_each_batch_reads_its_labels_as_text(data_dir, config, prepared):
+    builder, tok = prepared
+    steps = 6
+    got = batches(config, builder, tok, steps)
+    plain = batches(data_config(data_dir, decoupled=None), builder, tok, steps)
+    labels = record_labels(builder)
+    order = pipeline.EpochOrder(len(labels), 0)
+    slots = []
+    for step, (batch, reference) in enumerate(zip(got, plain, strict=True)):
+        prompt = batch["label_prompt"]
+        assert prompt.dtype == np.bool_ and prompt.shape == (GLOBAL_BATCH,)
+        assert prompt.sum() == round(0.25 * GLOBAL_BATCH) and batch["mask"].all()
+        slots.append(tuple(np.flatnonzero(prompt)))
+        positions = step * GLOBAL_BATCH + np.arange(GLOBAL_BATCH)
+        records = order.records_at(positions)
+        np.testing.assert_array_equal(
+            batch["tokens"][prompt],
+            expected_prompts(labels[records[prompt]], positions[prompt], tok))
+        assert not (batch["tokens"][prompt] == reference["tokens"][prompt]).all(axis=1).any()
+        # The other rows, and every image and label, are the plain batch's.
+        assert set(batch) - set(reference) == {"label_prompt"}
+        for key, value in reference.items():
+            rows = ~prompt if key in ("tokens", "text_id") else slice(None)
+            np.testing.assert_array_equal(batch[key][rows], value[rows], err_msg=key)
+    assert len(set(slots)) > 1  # The prompt rows move around the batch.
+
+
+def test_prompt_rows_stay_exact_on_resume_and_across_processes(config, prepared):
+    builder, tok = prepared
+    whole = batches(config, builder, tok, 4)
+    resumed = batches(config, builder, tok, 2, start_step=2)
+    halves = [batches(config, builder, tok, 4, process_index=p, process_count=2)
+              for p in (0, 1)]
+    for step, batch in enumerate(whole):
+        for key, value in batch.items():
+            if step >= 2:
+                np.testing.assert_array_equal(resumed[step - 2][key], value, err_msg=key)
+            joined = np.concatenate([h[step][key] for h in halves])
+            np.testing.assert_array_equal(joined, value, err_msg=f"{key} at step {step}")
+
+
+def test_evaluation_ignores_it(data_dir, config, prepared):
+    builder, tok = prepared
+    got = batches(config, builder, tok, 1, train=False, split="validation")[0]
+    plain = batches(data_config(data_dir, decoupled=None), builder, tok, 1, train=False,
+                    split="validation")[0]
+    assert got.keys() == plain.keys()
+    for key, value in plain.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("decoupled, message", [
+    (dict(text_only_fraction=0.1), r"text_only_fraction=0.1: text-label examples .* not "
+                                   r"supported yet"),
+    (dict(image_only_fraction=1.5), r"image_only_fraction=1.5 outside \[0, 1\]"),
+    (dict(image_fraction=0.5), r"unknown data.decoupled keys \['image_fraction'\]"),
+])
+def test_bad_settings_are_refused(data_dir, prepared, decoupled, message):
+    builder, tok = prepared
+    with pytest.raises(ValueError, match=message):
+        batches(data_config(data_dir, decoupled=decoupled), builder, tok, 1)
+
+
+class LabelOnly(tfds.core.GeneratorBasedBuilder):
+    """Eight records in the pipeline's schema; the odd ones have labels but no report
+    (`has_report` False, like CheXpert), record 7 not even labels."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        from etils import epath
+
+        return epath.Path(__file__)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                                         encoding_format="png"),
+            "view": tfds.features.Text(), "study_id": tfds.features.Text(),
+            "findings": tfds.features.Text(), "impression": tfds.features.Text(),
+            "labels": tfds.features.Tensor(shape=(NUM_FINDINGS,), dtype=np.float32),
+            "has_report": tfds.features.Scalar(dtype=np.bool_),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(8):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(buffer, format="PNG")
+            labels = np.full(NUM_FINDINGS, np.nan, np.float32)
+            if i != 7:
+                labels[i] = 1.0
+            has_report = i % 2 == 0
+            yield i, {"image": buffer.getvalue(), "view": "PA", "study_id": f"s{i}",
+                      "findings": f"Finding number {i}." if has_report else "",
+                      "impression": "", "labels": labels, "has_report": has_report}
+
+
+def test_label_only_records_take_their_prompt(tmp_path, data_dir, prepared):
+    _, tok = prepared
+    builder = LabelOnly(data_dir=str(tmp_path))
+    builder.download_and_prepare(file_format="array_record")
+    config = data_config(data_dir, image_size=16, max_bad_fraction=0.5,
+                         decoupled=dict(image_only_fraction=0.0))
+    [batch] = batches(config, builder, tok, 1)
+    source = builder.as_data_source("train")
+    records = pipeline.EpochOrder(len(source), 0).records_at(np.arange(GLOBAL_BATCH))
+    example = np.array([int(source[int(r)]["study_id"][1:]) for r in records])
+    label_only = example % 2 == 1
+    np.testing.assert_array_equal(batch["label_prompt"], label_only & (example != 7))
+    np.testing.assert_array_equal(batch["mask"], example != 7)  # No labels: no prompt.
+    prompted = batch["label_prompt"]
+    labels = np.stack([source[int(r)]["labels"] for r in records])
+    np.testing.assert_array_equal(
+        batch["tokens"][prompted],
+        expected_prompts(labels[prompted], np.arange(GLOBAL_BATCH)[prompted], tok))
+    # Without data.decoupled these records have no text and are skipped.
+    [plain] = batches(data_config(data_dir, image_size=16, max_bad_fraction=0.6,
+                                  decoupled=None), builder, tok, 1)
+    np.testing.assert_array_equal(plain["mask"], ~label_only)
+    assert not plain["tokens"][label_only].any()
