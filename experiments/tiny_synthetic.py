@@ -6,6 +6,7 @@ python -m jaxmedclip.train --config experiments/tiny_synthetic.py:runlocal --wor
 
 import ml_collections
 
+from input_pipeline.synthetic_cxr import LOBES  # The lung regions the reports name.
 from jaxmedclip import config_lib, evaluation
 
 SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
@@ -30,12 +31,8 @@ SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
         ),
     ),
     "lung_opacity": (
-        (
-            "there is a moderate-sized airspace opacity in the right lower lobe.",
-            "large opacity in the left lower lobe.",
-            "right upper lobe opacity.",
-            "left upper lobe opacity.",
-        ),
+        tuple(f"{lobe} opacity." for lobe in LOBES)
+        + tuple(f"there is a moderate-sized airspace opacity in the {lobe}." for lobe in LOBES),
         ("the lungs are clear.", "no focal opacity."),
     ),
     "edema": (
@@ -47,20 +44,15 @@ SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
         ("no pulmonary edema.", "there is no pulmonary edema."),
     ),
     "consolidation": (
-        (
-            "there is focal consolidation in the right lower lobe.",
-            "dense left lower lobe consolidation.",
-            "right upper lobe consolidation.",
-            "focal consolidation in the lingula.",
-        ),
+        tuple(f"{lobe} consolidation." for lobe in LOBES)
+        + tuple(f"there is focal consolidation in the {lobe}." for lobe in LOBES),
         ("no focal consolidation.", "the lungs are clear without focal consolidation."),
     ),
     "pneumothorax": (
-        (
-            "there is a small right pneumothorax.",
-            "there is a small left pneumothorax.",
-            "moderate left apical pneumothorax with a visible pleural line.",
-            "large right-sided pneumothorax.",
+        tuple(
+            f"there is a {size} {side} pneumothorax."
+            for size in ("small", "moderate", "large")
+            for side in ("right", "left")
         ),
         ("no pneumothorax.", "there is no pneumothorax."),
     ),
@@ -73,9 +65,12 @@ SYNTHETIC_PROMPTS = {  # slug -> (positive prompts, negative prompts)
         ("no pleural effusion.", "there is no pleural effusion."),
     ),
     "support_devices": (
-        (
-            "endotracheal tube terminates above the carina.",
+        (  # One per device the reports describe, then the impression's summary.
+            "endotracheal tube terminates 4 cm above the carina.",
+            "right internal jugular central venous catheter terminates in the mid svc.",
+            "left subclavian central venous catheter tip projects over the svc.",
             "nasogastric tube tip is in the stomach.",
+            "left-sided pacemaker device with leads in standard position.",
             "support devices in standard position.",
         ),
         ("the lungs are clear.", "no acute cardiopulmonary process."),

@@ -50,7 +50,7 @@ DEVICES = ("endotracheal_tube", "right_ij_catheter", "left_subclavian_catheter",
            "enteric_tube", "pacemaker")
 
 _PATHOLOGIES = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "airspace", "Edema")
-_PATHOLOGY_WEIGHTS = np.array([0.22, 0.26, 0.12, 0.24, 0.16])
+_PATHOLOGY_WEIGHTS = np.array([0.2, 0.25, 0.15, 0.24, 0.16])
 _DEVICE_WEIGHTS = np.array([0.32, 0.18, 0.12, 0.22, 0.16])
 
 
@@ -382,7 +382,7 @@ def _draw_frontal(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
 
     hilum = np.sqrt((np.abs(x) - 0.17) ** 2 + (y + 0.02) ** 2)
     markings = 0.05 * np.exp(-hilum / 0.45) * (1 + 0.7 * fine)
-    lung_value = 0.1 + markings + 0.06 * (y + 0.1) ** 2 + 0.015 * coarse
+    lung_value = 0.16 + markings + 0.06 * (y + 0.1) ** 2 + 0.015 * coarse
     edema = _find(abnormalities, "Edema")
     if edema:  # Perihilar haze, both lungs, fading to the periphery.
         haze = np.exp(-(((np.abs(x) - 0.2) / 0.28) ** 2 + ((y + 0.02) / 0.38) ** 2))
@@ -522,8 +522,8 @@ def _airspace_patch(x, y, cx, cy, airspace: Abnormality, coarse, fine):
     if airspace.label == "Lung Opacity":
         radius = 0.22 + 0.16 * airspace.severity
         blob = np.exp(-(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2))
-        return (0.22 + 0.12 * airspace.severity) * blob * (0.8 + 0.3 * coarse)
-    radius = 0.14 + 0.12 * airspace.severity
+        return (0.26 + 0.14 * airspace.severity) * blob * (0.8 + 0.3 * coarse)
+    radius = 0.16 + 0.13 * airspace.severity
     edge = np.sqrt(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2) - 1
     blob = _inside(edge + 0.15 * coarse, 0.12)
     return (0.35 + 0.2 * airspace.severity) * blob * (0.85 + 0.1 * coarse + 0.1 * fine)
