@@ -2,7 +2,7 @@
 
   python -m jaxmedclip.export --config experiments/x.py --workdir /tmp/run --out /tmp/hf \
       [--checkpoint STEP] [--format auto|clip|siglip|dual_encoder] [--tokenizer spm.model] \
-      [--config.field=value ...]
+      [--allow_inexact_tokenizer] [--config.field=value ...]
 
 The folder loads with `AutoModel`, `AutoTokenizer` and `AutoImageProcessor` and no custom
 code. A config that the chosen `transformers` class cannot express is refused with the
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from jaxmedclip.convert import layouts, towers
-from jaxmedclip.convert.tokenizer import save_tokenizer
+from jaxmedclip.convert.tokenizer import check_exact, save_tokenizer
 
 FORMATS = ("clip", "siglip", "dual_encoder")
 HF_CLASSES = {
@@ -255,12 +255,18 @@ def export(
     tokenizer_model: str,
     out: str,
     fmt: str = "auto",
+    allow_inexact_tokenizer: bool = False,
 ) -> str:
-    """Writes the Hugging Face folder `out`; returns the format used."""
+    """Writes the Hugging Face folder `out`; returns the format used.
+
+    A tokenizer that `tokenizer.json` cannot reproduce exactly (a unigram model) is
+    refused before anything is written, unless `allow_inexact_tokenizer`.
+    """
     import transformers as tf_hf
     from safetensors.numpy import save_file
 
     fmt = choose_format(config, fmt)
+    check_exact(tokenizer_model, allow_inexact_tokenizer)
     tensors = hf_state_dict(params, config, fmt)
     scale = math.exp(float(tensors["logit_scale"].reshape(())))
     os.makedirs(out, exist_ok=True)
@@ -276,7 +282,7 @@ def export(
             f"{HF_CLASSES[fmt]} of transformers {tf_hf.__version__} does not load the exported "
             f"tensors exactly: {wrong}"
         )
-    save_tokenizer(tokenizer_model, config.data.max_text_len, out)
+    save_tokenizer(tokenizer_model, config.data.max_text_len, out, allow_inexact_tokenizer)
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
         json.dump(image_processor_config(config, fmt), f, indent=2)
     return fmt
@@ -295,6 +301,11 @@ def parse_flags(argv: Sequence[str]):
         "--tokenizer",
         default=None,
         help="SentencePiece .model (default: the data config's, built from the dataset)",
+    )
+    parser.add_argument(
+        "--allow_inexact_tokenizer",
+        action="store_true",
+        help="export a unigram tokenizer although tokenizers breaks its score ties differently",
     )
     own, rest = parser.parse_known_args(argv)
     from jaxmedclip import train
@@ -316,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         from input_pipeline import pipeline
 
         tokenizer_model = pipeline.prepare(config.data)[1].model_path
-    fmt = export(config, params, tokenizer_model, own.out, own.format)
+    fmt = export(config, params, tokenizer_model, own.out, own.format, own.allow_inexact_tokenizer)
     print(f"exported step {step} of {args.workdir} as {fmt} ({HF_CLASSES[fmt]}) to {own.out}")
     return fmt
 

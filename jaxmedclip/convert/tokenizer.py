@@ -45,6 +45,29 @@ def _bpe_merges(pieces: list[str], scores: list[float], normal: list[bool]) -> l
     return [m[-1] for m in merges]
 
 
+def check_exact(model_path: str, allow_inexact: bool = False) -> None:
+    """Refuses (ValueError) a tokenizer that `tokenizer.json` cannot reproduce exactly.
+
+    A unigram SentencePiece model is one: where two segmentations of a word score the same
+    (e.g. "___" as "_" + "__" or "__" + "_": the same pieces, so no score can separate
+    them), `tokenizers` and SentencePiece pick different ones, so rare texts would get
+    other ids in PyTorch. With `allow_inexact` it is exported anyway, with a warning.
+    """
+    if _model_proto(model_path).trainer_spec.model_type != SPM_UNIGRAM:
+        return
+    problem = (
+        f"{model_path} is a unigram SentencePiece model; `tokenizers` breaks ties between "
+        "equally scored segmentations differently (e.g. '___' -> '_' '__' instead of "
+        "'__' '_'), so some texts would get other ids than in training"
+    )
+    if not allow_inexact:
+        raise ValueError(
+            f"{problem}. Train the tokenizer as BPE (data.tokenizer_type='bpe'), which "
+            "exports exactly, or export it anyway with --allow_inexact_tokenizer"
+        )
+    log.warning("%s (exported anyway: allow_inexact)", problem)
+
+
 def build_tokenizer(model_path: str):
     """A `tokenizers.Tokenizer` equal to `input_pipeline.tokenizer.Tokenizer` (no padding)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -56,12 +79,6 @@ def build_tokenizer(model_path: str):
     normal = [p.type == SPM_NORMAL for p in proto.pieces]
     model_type = proto.trainer_spec.model_type
     if model_type == SPM_UNIGRAM:
-        log.warning(
-            "%s is a unigram SentencePiece model: `tokenizers` breaks ties between equally "
-            "scored segmentations differently (e.g. '___' -> '_' '__' instead of '__' '_'), "
-            "so rare texts get other ids than ours; a BPE model exports exactly",
-            model_path,
-        )
         model = models.Unigram(
             list(zip(pieces, scores, strict=True)), unk_id=UNK_ID, byte_fallback=False
         )
@@ -97,8 +114,10 @@ def build_tokenizer(model_path: str):
     return tokenizer
 
 
-def save_tokenizer(model_path: str, max_len: int, folder: str) -> None:
-    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+def save_tokenizer(model_path: str, max_len: int, folder: str, allow_inexact: bool = False) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json
+    (`check_exact` first: a unigram model needs `allow_inexact`)."""
+    check_exact(model_path, allow_inexact)
     tokenizer = build_tokenizer(model_path)
     tokenizer.save(os.path.join(folder, "tokenizer.json"))
     pieces = [p.piece for p in _model_proto(model_path).pieces]
