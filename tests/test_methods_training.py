@@ -311,7 +311,7 @@ def _word_starts(model_path, vocab_size):
     return table
 
 
-def _train(config, batch, word_starts=None, steps=3):
+def _train(config, batch, word_starts=None, steps=5):
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
     model = _build_model(config)
@@ -329,9 +329,12 @@ def _train(config, batch, word_starts=None, steps=3):
 
 
 def _example_config(name):
+    # A small learning rate: the first full-size Adam step moves every weight by about
+    # the learning rate at once, and at 1e-3 or more that overshoots on a fresh model
+    # (the loss on the same batch rises before it falls).
     return config_lib.config_from_flags(
         f"experiments/{name}.py:runlocal",
-        [f"global_batch_size={GLOBAL_BATCH}", "optim.warmup_steps=1", "optim.learning_rate=3e-3"],
+        [f"global_batch_size={GLOBAL_BATCH}", "optim.warmup_steps=1", "optim.learning_rate=3e-4"],
     )
 
 
