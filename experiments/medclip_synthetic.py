@@ -8,8 +8,10 @@ without any label (an all-blank row) keep a one-hot target. The batch's `labels`
 
 Option `prompt_fraction` (default 0): that share of every global batch are image-label
 examples, their text the labels written as text (MedCLIP's decoupled image-label data;
-`data.decoupled`, input_pipeline/label_prompts.py). Text-label examples (no image) are
-not supported yet.
+`data.decoupled`, input_pipeline/label_prompts.py). Option `text_fraction` (default 0):
+that share are text-label examples, a report whose image is masked out of the loss
+(`image_mask`), matched to the batch's images by label similarity alone (MedCLIP's
+decoupled text-label data; the image still runs through the tower).
 
 Everything else is tiny_synthetic's (loaded from the file beside this one, so the two
 stay in sync):
@@ -35,13 +37,14 @@ def get_config(arg=None):
         total_steps=1000,
         temperature=0.1,
         prompt_fraction=0.0,
+        text_fraction=0.0,
     )
     base_arg = f"runlocal={arg.runlocal},loss_impl={arg.loss_impl},total_steps={arg.total_steps}"
     config = config_lib.load_config(f"{BASE}:{base_arg},targets=soft_labels")
     # MedCLIP's semantic-matching temperature on the label cosines.
     config.loss.soft_target_temperature = arg.temperature
-    if arg.prompt_fraction:
+    if arg.prompt_fraction or arg.text_fraction:
         config.data.decoupled = ml_collections.ConfigDict(
-            dict(image_only_fraction=arg.prompt_fraction)
+            dict(image_only_fraction=arg.prompt_fraction, text_only_fraction=arg.text_fraction)
         )
     return config

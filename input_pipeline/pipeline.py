@@ -37,6 +37,11 @@ Batches are host-local dicts of `b` rows:
   label_prompt    bool [b]  the text is the record's labels written as text, an
                   image-label example (only when train=True and `data.decoupled`; see
                   label_prompts.py)
+  image_mask      bool [b]  False for a text-label example (a report without its image;
+                  the image is still read and decoded, so shapes stay static, and the
+                  loss leaves it out); True for every other example row
+  text_mask       bool [b]  True for every example row (no example lacks its text);
+                  both only when train=True and `data.decoupled` (label_prompts.py)
 
 Rows with mask=False are all zeros (texts empty).
 
@@ -384,13 +389,18 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         serialized.set_shape([local_batch_size])
         rows = {"position": positions, "serialized": serialized, "valid": valid}
         if decoupled is not None:
-            # Exactly k prompt rows per global batch: the k lowest draws of its positions.
+            # One draw ranks the rows of the global batch: the k lowest are the prompt
+            # rows, the next m the text-only rows (disjoint, exactly k and m chosen).
             batch_positions = step * global_batch_size + tf.range(global_batch_size,
                                                                   dtype=tf.int64)
             u = uniform(seed, label_prompts.SALT_PROMPT_ROWS, batch_positions, 1)[:, 0]
             rank = tf.argsort(tf.argsort(u, stable=True), stable=True)
-            chosen = rank < decoupled.rows_per_batch(global_batch_size)
-            rows["prompt_row"] = chosen[first:first + local_batch_size]
+            rank = rank[first:first + local_batch_size]
+            prompt_rows = decoupled.image_only_rows(global_batch_size)
+            text_only_rows = decoupled.text_only_rows(global_batch_size)
+            rows["prompt_row"] = rank < prompt_rows
+            rows["text_only_row"] = (rank >= prompt_rows) & (rank < prompt_rows +
+                                                             text_only_rows)
         if multiview is not None:
             u = uniform(seed, multiview_lib.SALT_OTHER_VIEW, positions, 1)[:, 0]
             other = tf.numpy_function(study_index.other_views, [index, u], tf.int64,
@@ -480,7 +490,14 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
             **second,
         }
         if prompted is not None:
-            out["label_prompt"] = prompted
+            # A chosen text-only row keeps its image where the loss could not use the
+            # row without it: no report (its text is then the prompt) or a label row
+            # that is all zero (no soft target; label_prompts.py).
+            text_only = rows["text_only_row"] & tf.reduce_any(out["labels"] != 0, axis=1)
+            if "has_report" in example:
+                text_only &= tf.cast(example["has_report"], tf.bool)
+            out.update(label_prompt=prompted, image_mask=~text_only,
+                       text_mask=tf.ones_like(text_only))
         if not train:
             out["view"] = example["view"]
         return out
@@ -511,7 +528,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
             out[name] = tf.where(mask[:, None, None, None], images, tf.zeros_like(images))
         out.update(mask=mask, num_skipped=batch["num_skipped"])
         for key in ("tokens", "tokens2", "study_id", "labels", "labels_present",
-                    "label_prompt"):
+                    "label_prompt", "image_mask", "text_mask"):
             if key not in batch:
                 continue
             value = batch[key]

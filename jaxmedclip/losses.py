@@ -27,9 +27,15 @@ Config (`config.loss`, read with defaults so older configs keep working):
   i2t_weight, t2i_weight: weights of the two softmax directions. Default 0.5 each.
 
 Semantics (every implementation computes exactly these):
-  Logits are `scale * <image_i, text_j>` in float32 (plus `bias` for sigmoid). Only
-  valid pairs count: both examples have `mask` True (padded examples of an evaluation
-  batch are False). N is the global number of valid examples.
+  Logits are `scale * <image_i, text_j>` in float32 (plus `bias` for sigmoid). Each
+  side of an example has its own validity: image i is valid if `mask[i]` and
+  `image_mask[i]`, text j if `mask[j]` and `text_mask[j]` (`mask` False: a padded
+  example of an evaluation batch; `image_mask` False: a text-label example, a report
+  whose image is absent; each field defaults to all True). A pair (i, j) is valid only
+  if image i and text j are both valid; an invalid image is neither a query nor a
+  candidate, and likewise an invalid text. N_img and N_txt are the global numbers of
+  valid images and texts (both N, the number of valid examples, when every example has
+  both sides).
 
   Pair affinity A[i, j] (symmetric, A[i, i] = 1, computed per pair from per-example
   information, so it is the same wherever the pair is scored):
@@ -43,23 +49,36 @@ Semantics (every implementation computes exactly these):
   Positives (for the metrics): A[i, j] = 1 for one_hot / multi_positive; for soft_labels
   the pair itself and pairs whose label rows point the same way (cosine >= 1 - 1e-6).
 
+  Target mass of image i: M[i] = sum of A[i, j] over valid texts j; of text j: the sum
+  of A[i, j] over valid images i. An image (text) with zero target mass has no target
+  in the other side (e.g. one_hot when its partner is masked, or soft_labels when its
+  label row is blank and its partner is masked); it is left out of its direction's loss
+  and metrics, though it still serves as a candidate (a negative) of the other direction.
+  The counted images are the valid ones with M > 0 (C_i2t of them), likewise the counted
+  texts (C_t2i). Without per-side masks every valid example is counted: C = N.
+
   softmax: image->text row i is the cross-entropy between softmax_j(logits[i, :]) over
-    valid columns and the target row P[i, j] = A[i, j] / sum_valid_j A[i, j] (for
-    soft_labels this is softmax_j(cos / T), the MedCLIP target), mixed with the uniform
-    distribution over valid columns by label smoothing: (1 - eps) P + eps / N.
-    text->image is the same on columns. loss_i2t and loss_t2i average over the N valid
-    rows; loss = i2t_weight * loss_i2t + t2i_weight * loss_t2i.
-  sigmoid: every valid pair is an independent binary term with target t = A[i, j]
-    (1 for positives, 0 for negatives; for soft_labels the softmax target row rescaled
-    so that its maximum, the pair itself, is 1), smoothed to (1 - eps) t + eps / 2:
-    loss = -sum_valid_pairs [t log sigmoid(l) + (1 - t) log sigmoid(-l)] / N. Both
-    directions are the same matrix: loss_i2t = loss_t2i = loss; the direction weights
-    do not apply.
+    valid texts and the target row P[i, j] = A[i, j] / M[i] (for soft_labels this is
+    softmax_j(cos / T), the MedCLIP target), mixed with the uniform distribution over
+    valid texts by label smoothing: (1 - eps) P + eps / N_txt. text->image is the same
+    on columns (over valid images, eps / N_img). loss_i2t averages over the C_i2t counted
+    images, loss_t2i over the C_t2i counted texts;
+    loss = i2t_weight * loss_i2t + t2i_weight * loss_t2i.
+  sigmoid: every valid pair is an independent binary term with target t = A[i, j] (1
+    for positives, 0 for negatives; for soft_labels the softmax target row rescaled so
+    that its maximum, the pair itself, is 1), smoothed to (1 - eps) t + eps / 2. The sum
+    is divided by the mean number of valid examples per side, (N_img + N_txt) / 2
+    (SigLIP's batch size N when every example has both sides):
+      loss = -sum_valid_pairs [t log sigmoid(l) + (1 - t) log sigmoid(-l)]
+             / ((N_img + N_txt) / 2).
+    Images and texts without target mass still take part. Both directions are the same
+    matrix: loss_i2t = loss_t2i = loss; the direction weights do not apply.
 
 Metrics (replicated scalars from the same pass; no gradient flows through them except
-the two losses): loss_i2t, loss_t2i; acc_i2t, acc_t2i: fraction of valid rows (columns)
-whose highest-scoring valid partner is a positive (ties count as correct); logit_pos,
-logit_neg: mean logit of valid positive and negative pairs.
+the two losses): loss_i2t, loss_t2i; acc_i2t, acc_t2i: fraction of the counted images
+(texts) whose highest-scoring valid partner is a positive (ties count as correct; for
+soft_labels a counted text may have no positive partner and then counts as wrong);
+logit_pos, logit_neg: mean logit of valid positive and negative pairs.
 """
 
 from __future__ import annotations
@@ -149,7 +168,8 @@ class LossSpec:
 class _Examples(NamedTuple):
     """What the targets of a pair need to know about each side; small next to embeddings."""
 
-    mask: jax.Array  # bool [n]
+    image_valid: jax.Array  # bool [n]: mask & image_mask, the image takes part
+    text_valid: jax.Array  # bool [n]: mask & text_mask, the text takes part
     ids: jax.Array  # int32 [n], position in the global batch
     keys: jax.Array | None  # int32 [n, num_keys]: multi-positive keys
     unit_labels: jax.Array | None  # float32 [n, K]: L2-normalised label rows
@@ -163,7 +183,9 @@ def _examples(raw: Mapping[str, jax.Array], ids: jax.Array) -> _Examples:
         norm = jnp.sqrt(jnp.sum(labels * labels, axis=-1, keepdims=True))
         labelled = norm[:, 0] > 0
         unit_labels = labels / jnp.where(norm > 0, norm, 1.0)
-    return _Examples(raw["mask"], ids, raw.get("keys"), unit_labels, labelled)
+    return _Examples(
+        raw["image_valid"], raw["text_valid"], ids, raw.get("keys"), unit_labels, labelled
+    )
 
 
 def _pair_targets(
@@ -206,14 +228,20 @@ def _sigmoid_pair_grad(logits, affinity, spec):
 # Global sums -> loss and metrics (shared).
 
 def _finish(sums: Mapping[str, jax.Array], spec: LossSpec):
-    count = jnp.maximum(sums["count"], 1.0)
-    loss_i2t, loss_t2i = sums["i2t"] / count, sums["t2i"] / count
+    count_i2t = jnp.maximum(sums["count_i2t"], 1.0)
+    count_t2i = jnp.maximum(sums["count_t2i"], 1.0)
+    if spec.softmax:
+        loss_i2t, loss_t2i = sums["i2t"] / count_i2t, sums["t2i"] / count_t2i
+    else:
+        # Valid examples per side, averaged: the batch size when every example has both.
+        examples = jnp.maximum(0.5 * (sums["images"] + sums["texts"]), 1.0)
+        loss_i2t = loss_t2i = sums["i2t"] / examples
     metric = jax.lax.stop_gradient
     metrics = {
         "loss_i2t": loss_i2t,
         "loss_t2i": loss_t2i,
-        "acc_i2t": metric(sums["correct_i2t"] / count),
-        "acc_t2i": metric(sums["correct_t2i"] / count),
+        "acc_i2t": metric(sums["correct_i2t"] / count_i2t),
+        "acc_t2i": metric(sums["correct_t2i"] / count_t2i),
         "logit_pos": metric(sums["pos_sum"] / jnp.maximum(sums["pos_count"], 1.0)),
         "logit_neg": metric(sums["neg_sum"] / jnp.maximum(sums["neg_count"], 1.0)),
     }
@@ -235,6 +263,11 @@ def _pair_logit_sums(logits, positive, valid_pairs):
     }
 
 
+def _target_mass(affinity, col_valid):
+    """Each row's affinity summed over the valid columns; rows with none are not counted."""
+    return jnp.sum(jnp.where(col_valid[None, :], affinity, 0.0), axis=1)
+
+
 def _top1_correct(logits, positive, row_valid, col_valid):
     """Rows whose best valid column is a positive (ties count as correct)."""
     logits = jax.lax.stop_gradient(logits)
@@ -244,7 +277,11 @@ def _top1_correct(logits, positive, row_valid, col_valid):
 
 
 def _softmax_row_losses(logits, affinity, row_valid, col_valid, count, spec):
-    """Cross-entropy of each row against its (smoothed) target distribution."""
+    """Cross-entropy of each row against its (smoothed) target distribution.
+
+    `row_valid`: the counted rows (valid, with target mass); `count`: the number of
+    valid columns, over which label smoothing spreads its mass.
+    """
     eps = spec.label_smoothing
     log_probs = jax.nn.log_softmax(jnp.where(col_valid[None, :], logits, _MASKED_LOGIT), axis=1)
     weights = jnp.where(col_valid[None, :], affinity, 0.0)
@@ -262,25 +299,34 @@ def _softmax_row_losses(logits, affinity, row_valid, col_valid, count, spec):
 def _dense_sums(x, y, scale, bias, raw, spec):
     x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
     examples = _examples(raw, jnp.arange(x.shape[0], dtype=jnp.int32))
-    mask = examples.mask
-    count = jnp.sum(mask, dtype=jnp.float32)
+    images, texts = examples.image_valid, examples.text_valid
+    num_images = jnp.sum(images, dtype=jnp.float32)
+    num_texts = jnp.sum(texts, dtype=jnp.float32)
     _, logits = _logits(x32, y32, scale, bias, spec)
     affinity, positive = _pair_targets(examples, examples, spec)
-    valid_pairs = mask[:, None] & mask[None, :]
+    valid_pairs = images[:, None] & texts[None, :]
+    # The counted images (texts): valid, with target mass over the valid other side.
+    rows = images & (_target_mass(affinity, texts) > 0)
+    cols = texts & (_target_mass(affinity.T, images) > 0)
     if spec.softmax:
-        i2t = jnp.sum(_softmax_row_losses(logits, affinity, mask, mask, count, spec))
-        t2i = jnp.sum(_softmax_row_losses(logits.T, affinity.T, mask, mask, count, spec))
+        i2t = jnp.sum(_softmax_row_losses(logits, affinity, rows, texts, num_texts, spec))
+        t2i = jnp.sum(
+            _softmax_row_losses(logits.T, affinity.T, cols, images, num_images, spec)
+        )
     else:
         pairs = _sigmoid_pair_loss(logits, affinity, spec)
         i2t = t2i = jnp.sum(jnp.where(valid_pairs, pairs, 0.0))
     return {
         "i2t": i2t,
         "t2i": t2i,
-        "correct_i2t": jnp.sum(_top1_correct(logits, positive, mask, mask), dtype=jnp.float32),
+        "correct_i2t": jnp.sum(_top1_correct(logits, positive, rows, texts), dtype=jnp.float32),
         "correct_t2i": jnp.sum(
-            _top1_correct(logits.T, positive.T, mask, mask), dtype=jnp.float32
+            _top1_correct(logits.T, positive.T, cols, images), dtype=jnp.float32
         ),
-        "count": count,
+        "count_i2t": jnp.sum(rows, dtype=jnp.float32),
+        "count_t2i": jnp.sum(cols, dtype=jnp.float32),
+        "images": num_images,
+        "texts": num_texts,
         **_pair_logit_sums(logits, positive, valid_pairs),
     }
 
@@ -295,44 +341,50 @@ def _all_gather_body(x, y, scale, bias, raw, *, spec, axes):
     ids = jax.lax.axis_index(axes) * local + jnp.arange(local, dtype=jnp.int32)
     rows = _examples(raw, ids)
     cols = _examples({k: gather(v) for k, v in raw.items()}, gather(ids))
-    count = jax.lax.psum(jnp.sum(rows.mask, dtype=jnp.float32), axes)
+    num_images = jax.lax.psum(jnp.sum(rows.image_valid, dtype=jnp.float32), axes)
+    num_texts = jax.lax.psum(jnp.sum(rows.text_valid, dtype=jnp.float32), axes)
     # Gathered in float32 so that the backward reduce-scatter of gradients sums in float32.
     x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
     _, logits = _logits(x32, gather(y32), scale, bias, spec)
     affinity, positive = _pair_targets(rows, cols, spec)
-    valid_pairs = rows.mask[:, None] & cols.mask[None, :]
+    valid_pairs = rows.image_valid[:, None] & cols.text_valid[None, :]
+    counted_images = rows.image_valid & (_target_mass(affinity, cols.text_valid) > 0)
     sums = _pair_logit_sums(logits, positive, valid_pairs)
     sums["correct_i2t"] = jnp.sum(
-        _top1_correct(logits, positive, rows.mask, cols.mask), dtype=jnp.float32
+        _top1_correct(logits, positive, counted_images, cols.text_valid), dtype=jnp.float32
     )
+    sums["count_i2t"] = jnp.sum(counted_images, dtype=jnp.float32)
     if spec.softmax:
         # A is symmetric, so the local text rows against all images use the same targets.
         _, text_logits = _logits(y32, gather(x32), scale, bias, spec)
-        sums["i2t"] = jnp.sum(
-            _softmax_row_losses(logits, affinity, rows.mask, cols.mask, count, spec)
-        )
-        sums["t2i"] = jnp.sum(
-            _softmax_row_losses(text_logits, affinity, rows.mask, cols.mask, count, spec)
-        )
+        counted_texts = rows.text_valid & (_target_mass(affinity, cols.image_valid) > 0)
+        sums["i2t"] = jnp.sum(_softmax_row_losses(
+            logits, affinity, counted_images, cols.text_valid, num_texts, spec))
+        sums["t2i"] = jnp.sum(_softmax_row_losses(
+            text_logits, affinity, counted_texts, cols.image_valid, num_images, spec))
         sums["correct_t2i"] = jnp.sum(
-            _top1_correct(text_logits, positive, rows.mask, cols.mask), dtype=jnp.float32
+            _top1_correct(text_logits, positive, counted_texts, cols.image_valid),
+            dtype=jnp.float32,
         )
+        sums["count_t2i"] = jnp.sum(counted_texts, dtype=jnp.float32)
     else:
         pairs = _sigmoid_pair_loss(logits, affinity, spec)
         sums["i2t"] = sums["t2i"] = jnp.sum(jnp.where(valid_pairs, pairs, 0.0))
-        # Column maxima over all images: combine the local rows' maxima across devices.
+        # Column statistics over all images: combine the local rows' across devices.
         frozen = jax.lax.stop_gradient(logits)
-        best = jax.lax.pmax(
-            jnp.max(jnp.where(rows.mask[:, None], frozen, -jnp.inf), axis=0), axes
-        )
+        images = rows.image_valid[:, None]
+        best = jax.lax.pmax(jnp.max(jnp.where(images, frozen, -jnp.inf), axis=0), axes)
         best_pos = jax.lax.pmax(
-            jnp.max(jnp.where(rows.mask[:, None] & positive, frozen, -jnp.inf), axis=0), axes
+            jnp.max(jnp.where(images & positive, frozen, -jnp.inf), axis=0), axes
         )
+        column_mass = jax.lax.psum(_target_mass(affinity.T, rows.image_valid), axes)
     sums = {k: jax.lax.psum(v, axes) for k, v in sums.items()}
     if not spec.softmax:
-        # Already global: every device holds all columns' maxima.
-        sums["correct_t2i"] = jnp.sum(cols.mask & (best_pos >= best), dtype=jnp.float32)
-    sums["count"] = count
+        # Already global: every device holds all columns' statistics.
+        counted_texts = cols.text_valid & (column_mass > 0)
+        sums["correct_t2i"] = jnp.sum(counted_texts & (best_pos >= best), dtype=jnp.float32)
+        sums["count_t2i"] = jnp.sum(counted_texts, dtype=jnp.float32)
+    sums["images"], sums["texts"] = num_images, num_texts
     return sums
 
 
@@ -395,11 +447,13 @@ def _ring_pass(step: Callable, payload, travel, local, *, axes, size: int):
 
 def _side_stats(n: int, spec: LossSpec) -> dict[str, jax.Array]:
     """Streaming statistics of n rows (or columns) over the valid partners seen so far."""
-    stats = {"max": jnp.full((n,), -jnp.inf), "pos_max": jnp.full((n,), -jnp.inf)}
+    stats = {
+        "max": jnp.full((n,), -jnp.inf), "pos_max": jnp.full((n,), -jnp.inf),
+        "target_mass": jnp.zeros((n,)),
+    }
     if spec.softmax:
         stats.update(
-            sumexp=jnp.zeros((n,)), target_logit=jnp.zeros((n,)),
-            target_mass=jnp.zeros((n,)), logit_sum=jnp.zeros((n,)),
+            sumexp=jnp.zeros((n,)), target_logit=jnp.zeros((n,)), logit_sum=jnp.zeros((n,)),
         )
     return stats
 
@@ -407,19 +461,19 @@ def _side_stats(n: int, spec: LossSpec) -> dict[str, jax.Array]:
 def _update_side(stats, logits, affinity, positive, partner_valid, axis, spec):
     """Folds one block into `stats`, reducing over `axis` (1: rows, 0: columns)."""
     masked = jnp.where(partner_valid, logits, -jnp.inf)
+    weights = jnp.where(partner_valid, affinity, 0.0)
     new = {
         "max": jnp.maximum(stats["max"], jnp.max(masked, axis=axis)),
         "pos_max": jnp.maximum(
             stats["pos_max"], jnp.max(jnp.where(positive, masked, -jnp.inf), axis=axis)
         ),
+        "target_mass": stats["target_mass"] + jnp.sum(weights, axis),
     }
     if spec.softmax:
         ref = jnp.where(jnp.isfinite(new["max"]), new["max"], 0.0)
         exps = jnp.where(partner_valid, jnp.exp(logits - jnp.expand_dims(ref, axis)), 0.0)
-        weights = jnp.where(partner_valid, affinity, 0.0)
         new["sumexp"] = stats["sumexp"] * jnp.exp(stats["max"] - ref) + jnp.sum(exps, axis)
         new["target_logit"] = stats["target_logit"] + jnp.sum(weights * logits, axis)
-        new["target_mass"] = stats["target_mass"] + jnp.sum(weights, axis)
         new["logit_sum"] = stats["logit_sum"] + jnp.sum(
             jnp.where(partner_valid, logits, 0.0), axis
         )
@@ -434,14 +488,15 @@ def _safe_mass(stats):
     return jnp.where(stats["target_mass"] > 0, stats["target_mass"], 1.0)
 
 
-def _side_loss_sum(stats, valid, count, spec):
+def _side_loss_sum(stats, counted, partners, spec):
+    """Summed cross-entropy of the `counted` rows; `partners`: valid ones of the other side."""
     eps = spec.label_smoothing
     nll = (
         _logsumexp(stats)
         - (1 - eps) * stats["target_logit"] / _safe_mass(stats)
-        - eps * stats["logit_sum"] / jnp.maximum(count, 1.0)
+        - eps * stats["logit_sum"] / jnp.maximum(partners, 1.0)
     )
-    return jnp.sum(jnp.where(valid, nll, 0.0))
+    return jnp.sum(jnp.where(counted, nll, 0.0))
 
 
 def _ring_local_setup(x, raw, axes):
@@ -450,20 +505,26 @@ def _ring_local_setup(x, raw, axes):
     return _examples(raw, ids), x.astype(jnp.float32)
 
 
+def _ring_counts(rows, axes):
+    """(valid images, valid texts) of the global batch."""
+    count = lambda valid: jax.lax.psum(jnp.sum(valid, dtype=jnp.float32), axes)
+    return count(rows.image_valid), count(rows.text_valid)
+
+
 def _ring_forward_body(x, y, scale, bias, raw, *, spec, axes, size):
     rows, x32 = _ring_local_setup(x, raw, axes)
-    count = jax.lax.psum(jnp.sum(rows.mask, dtype=jnp.float32), axes)
+    num_images, num_texts = _ring_counts(rows, axes)
 
     def step(payload, col_stats, acc):
         y_block, cols = payload
         _, logits = _logits(x32, y_block.astype(jnp.float32), scale, bias, spec)
         affinity, positive = _pair_targets(rows, cols, spec)
-        valid_pairs = rows.mask[:, None] & cols.mask[None, :]
+        valid_pairs = rows.image_valid[:, None] & cols.text_valid[None, :]
         row_stats = _update_side(
-            acc["rows"], logits, affinity, positive, cols.mask[None, :], 1, spec
+            acc["rows"], logits, affinity, positive, cols.text_valid[None, :], 1, spec
         )
         col_stats = _update_side(
-            col_stats, logits, affinity, positive, rows.mask[:, None], 0, spec
+            col_stats, logits, affinity, positive, rows.image_valid[:, None], 0, spec
         )
         block = _pair_logit_sums(logits, positive, valid_pairs)
         if not spec.softmax:
@@ -481,43 +542,56 @@ def _ring_forward_body(x, y, scale, bias, raw, *, spec, axes, size):
         axes=axes, size=size,
     )
     row_stats, sums = acc["rows"], dict(acc["sums"])
-    correct = lambda st: jnp.sum(rows.mask & (st["pos_max"] >= st["max"]), dtype=jnp.float32)
-    sums["correct_i2t"], sums["correct_t2i"] = correct(row_stats), correct(col_stats)
+    # This device's images (rows) and, back home after the turn, its texts (columns).
+    counted_images = rows.image_valid & (row_stats["target_mass"] > 0)
+    counted_texts = rows.text_valid & (col_stats["target_mass"] > 0)
+    correct = lambda st, counted: jnp.sum(counted & (st["pos_max"] >= st["max"]),
+                                          dtype=jnp.float32)
+    sums["correct_i2t"] = correct(row_stats, counted_images)
+    sums["correct_t2i"] = correct(col_stats, counted_texts)
+    sums["count_i2t"] = jnp.sum(counted_images, dtype=jnp.float32)
+    sums["count_t2i"] = jnp.sum(counted_texts, dtype=jnp.float32)
     if spec.softmax:
-        sums["i2t"] = _side_loss_sum(row_stats, rows.mask, count, spec)
-        sums["t2i"] = _side_loss_sum(col_stats, rows.mask, count, spec)
+        sums["i2t"] = _side_loss_sum(row_stats, counted_images, num_texts, spec)
+        sums["t2i"] = _side_loss_sum(col_stats, counted_texts, num_images, spec)
         residuals = {
             "row_lse": _logsumexp(row_stats), "row_mass": _safe_mass(row_stats),
+            "row_counted": counted_images,
             "col_lse": _logsumexp(col_stats), "col_mass": _safe_mass(col_stats),
+            "col_counted": counted_texts,
         }
     else:
         sums["i2t"] = sums["t2i"] = sums["pairs"]
         residuals = {}
     del sums["pairs"]
     sums = {k: jax.lax.psum(v, axes) for k, v in sums.items()}
-    sums["count"] = count
+    sums["images"], sums["texts"] = num_images, num_texts
     return sums, residuals
 
 
-def _ring_backward_body(x, y, scale, bias, raw, residuals, count, ct_i2t, ct_t2i,
-                        *, spec, axes, size):
+def _ring_backward_body(x, y, scale, bias, raw, residuals, num_images, num_texts, ct_i2t,
+                        ct_t2i, *, spec, axes, size):
     rows, x32 = _ring_local_setup(x, raw, axes)
     eps = spec.label_smoothing
-    inv_count = 1.0 / jnp.maximum(count, 1.0)
+    inv_images = 1.0 / jnp.maximum(num_images, 1.0)
+    inv_texts = 1.0 / jnp.maximum(num_texts, 1.0)
 
     def step(payload, dy, acc):
         y_block, cols, col_res = payload
         y32 = y_block.astype(jnp.float32)
         dots, logits = _logits(x32, y32, scale, bias, spec)
         affinity, _ = _pair_targets(rows, cols, spec)
-        valid_pairs = rows.mask[:, None] & cols.mask[None, :]
+        valid_pairs = rows.image_valid[:, None] & cols.text_valid[None, :]
         if spec.softmax:
             # exp() arguments are <= 0 for valid pairs; the clamp keeps masked ones finite.
             p_row = jnp.exp(jnp.minimum(logits - residuals["row_lse"][:, None], 0.0))
             p_col = jnp.exp(jnp.minimum(logits - col_res["col_lse"][None, :], 0.0))
-            t_row = (1 - eps) * affinity / residuals["row_mass"][:, None] + eps * inv_count
-            t_col = (1 - eps) * affinity / col_res["col_mass"][None, :] + eps * inv_count
-            dlogits = ct_i2t * (p_row - t_row) + ct_t2i * (p_col - t_col)
+            t_row = (1 - eps) * affinity / residuals["row_mass"][:, None] + eps * inv_texts
+            t_col = (1 - eps) * affinity / col_res["col_mass"][None, :] + eps * inv_images
+            # Rows (columns) left out of their direction's loss get no gradient from it.
+            d_row = jnp.where(residuals["row_counted"][:, None], p_row - t_row, 0.0)
+            d_col = jnp.where(col_res["col_counted"][None, :], p_col - t_col, 0.0)
+            dlogits = ct_i2t * d_row + ct_t2i * d_col
         else:
             dlogits = (ct_i2t + ct_t2i) * _sigmoid_pair_grad(logits, affinity, spec)
         dlogits = jnp.where(valid_pairs, dlogits, 0.0)
@@ -529,7 +603,8 @@ def _ring_backward_body(x, y, scale, bias, raw, residuals, count, ct_i2t, ct_t2i
         }
         return dy, acc
 
-    col_res = {k: residuals[k] for k in ("col_lse", "col_mass") if k in residuals}
+    col_res = {k: residuals[k] for k in ("col_lse", "col_mass", "col_counted")
+               if k in residuals}
     zero = jnp.zeros((), jnp.float32)
     dy, acc = _ring_pass(
         step, (y, rows, col_res), jnp.zeros(y.shape, jnp.float32),
@@ -557,15 +632,15 @@ def _ring_sums(x, y, scale, bias, raw, *, spec, mesh, axes):
             mesh=mesh, in_specs=(rows, rows, rep, rep, rows), out_specs=(rep, rows),
             check_vma=False,
         )(x, y, scale, bias, raw)
-        return sums, (x, y, scale, bias, raw, residuals, sums["count"])
+        return sums, (x, y, scale, bias, raw, residuals, sums["images"], sums["texts"])
 
     def backward(saved, cts):
-        x, y, scale, bias, raw, residuals, count = saved
+        x, y, scale, bias, raw, residuals, num_images, num_texts = saved
         dx, dy, dscale, dbias = jax.shard_map(
             lambda *a: _ring_backward_body(*a, **options),
-            mesh=mesh, in_specs=(rows, rows, rep, rep, rows, rows, rep, rep, rep),
+            mesh=mesh, in_specs=(rows, rows, rep, rep, rows, rows, rep, rep, rep, rep),
             out_specs=(rows, rows, rep, rep), check_vma=False,
-        )(x, y, scale, bias, raw, residuals, count, cts["i2t"], cts["t2i"])
+        )(x, y, scale, bias, raw, residuals, num_images, num_texts, cts["i2t"], cts["t2i"])
         return dx, dy, dscale.astype(scale.dtype), dbias.astype(bias.dtype), None
 
     ring.defvjp(forward, backward)
@@ -606,7 +681,8 @@ def _scalar(value: Any, what: str) -> jax.Array:
 
 
 def _raw_targets(batch: Mapping[str, jax.Array], size: int, spec: LossSpec):
-    """Checks the batch fields the targets need and packs them as {mask, keys?, labels?}."""
+    """Checks the batch fields the targets need and packs them as {image_valid,
+    text_valid, keys?, labels?}."""
 
     def field(name: str, ndim: int, what: str) -> jax.Array:
         if name not in batch:
@@ -622,16 +698,22 @@ def _raw_targets(batch: Mapping[str, jax.Array], size: int, spec: LossSpec):
             )
         return value
 
-    if "mask" in batch:
-        mask = jnp.asarray(batch["mask"])
-        if mask.shape != (size,):
+    def flags(name: str, what: str) -> jax.Array:
+        if name not in batch:
+            return jnp.ones((size,), bool)
+        value = jnp.asarray(batch[name])
+        if value.shape != (size,):
             raise ValueError(
-                f"batch['mask'] must be bool [{size}] (one flag per example of the global "
-                f"batch); got shape {mask.shape}"
+                f"batch[{name!r}] must be bool [{size}] (one flag per example of the global "
+                f"batch: {what}); got shape {value.shape}"
             )
-        raw = {"mask": mask.astype(bool)}
-    else:
-        raw = {"mask": jnp.ones((size,), bool)}
+        return value.astype(bool)
+
+    mask = flags("mask", "False for padding")
+    raw = {
+        "image_valid": mask & flags("image_mask", "False where the image is absent"),
+        "text_valid": mask & flags("text_mask", "False where the text is absent"),
+    }
     if spec.targets == "multi_positive":
         keys = []
         for name in spec.multi_positive_key:
@@ -663,8 +745,9 @@ def contrastive_loss(
 
     `scale` multiplies the cosine similarities (already exponentiated and clamped);
     `bias` is added by the sigmoid loss (unused by softmax, may be None there). `batch`
-    holds the per-example target fields (`mask`, `study_id`, `text_id`, `labels`) as
-    global arrays. With a mesh, the batch dimension is sharded over `batch_axes`.
+    holds the per-example validity flags (`mask`, `image_mask`, `text_mask`; each
+    optional, all True when absent) and target fields (`study_id`, `text_id`, `labels`)
+    as global arrays. With a mesh, the batch dimension is sharded over `batch_axes`.
     """
     spec = LossSpec.from_config(config)
     if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from input_pipeline import label_prompts
 from input_pipeline.findings import CHEXPERT_FINDINGS
 from jaxmedclip import (
     checkpointing,
@@ -182,11 +183,35 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "loss.multiview uses: set loss.multiview (e.g. an empty ConfigDict for the "
             "default weights) or data.multiview=False"
         )
+    check_text_only_examples(config)
     policy = checkpointing.CheckpointPolicy.from_config(config)
     if policy.best_metric is not None and not evaluation.eval_config(config).every_steps:
         raise ValueError(
             f"checkpoint_best_metric={policy.best_metric!r} ranks checkpoints by an evaluation "
             "metric, but eval.every_steps is 0 (no evaluation); set eval.every_steps"
+        )
+
+
+def check_text_only_examples(config: ml_collections.ConfigDict) -> None:
+    """Text-label examples (`data.decoupled.text_only_fraction`) lack an image: refuses
+    the loss settings that need one for every example (`DecoupledData` refuses
+    data.multiview, which loss.multiview needs)."""
+    decoupled = label_prompts.DecoupledData.from_config(config.data)
+    if decoupled is None or not decoupled.text_only_fraction:
+        return
+    fraction = f"data.decoupled.text_only_fraction={decoupled.text_only_fraction}"
+    targets = config.loss.get("targets", "one_hot")
+    if targets != "soft_labels":
+        raise ValueError(
+            f"{fraction} needs loss.targets='soft_labels': a report without its image has "
+            f"no positive under loss.targets={targets!r}, only label similarity gives it a "
+            "target (MedCLIP); set loss.targets='soft_labels' or text_only_fraction=0"
+        )
+    if local_loss_enabled(config):
+        raise ValueError(
+            f"{fraction} with loss.local: the local alignment term (GLoRIA) matches each "
+            "report's words to its own image's regions, which a text-label example lacks; "
+            "switch one of them off"
         )
 
 
@@ -260,7 +285,8 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtyp
     if config.data.get("multiview", False):  # input_pipeline/multiview.py
         batch.update(image2=images, tokens2=tokens, text_id2=batch["text_id"])
     if config.data.get("decoupled") is not None:  # input_pipeline/label_prompts.py
-        batch["label_prompt"] = batch["mask"]
+        batch.update(label_prompt=batch["mask"], image_mask=batch["mask"],
+                     text_mask=batch["mask"])
     return batch
 
 

@@ -210,13 +210,15 @@ class LocalTerm:
         return cls(weight, None if max_words is None else int(max_words), kwargs, word_starts)
 
     def loss(self, image_local, text_local, batch, mesh):
-        """(local loss, metrics) over the global batch; texts without words are left out."""
+        """(local loss, metrics) over the global batch; texts without words are left out,
+        and so are examples without an image or a text (`image_mask`, `text_mask`)."""
         words, word_mask = local_alignment.merge_subwords(
             text_local, batch["tokens"], self.word_starts, max_words=self.max_words
         )
         mask = jnp.any(word_mask, axis=1)
-        if "mask" in batch:
-            mask = mask & jnp.asarray(batch["mask"]).astype(bool)
+        for name in ("mask", "image_mask", "text_mask"):
+            if name in batch:
+                mask = mask & jnp.asarray(batch[name]).astype(bool)
         return local_alignment.local_alignment_loss(
             image_local, words, word_mask, mask, mesh=mesh, batch_axes=parallel.BATCH_AXES,
             **self.loss_kwargs,

@@ -140,62 +140,79 @@ NEAR_TIE_ACCURACY_TOL = 2.5 / 28
 # The dense reference against a float64 numpy transcription of the documented semantics.
 
 
-def numpy_reference(image, text, scale, bias, batch, config):
-    image, text = image.astype(np.float64), text.astype(np.float64)
-    size = len(image)
-    mask = batch["mask"]
-    logits = scale * image @ text.T + (bias if config.name == "sigmoid" else 0.0)
+def reference_targets(batch, config):
+    """Affinity (float64) and positive (bool) [B, B] of the documented semantics."""
+    size = len(batch["mask"])
     same = np.eye(size, dtype=bool)
     if config.targets == "one_hot":
-        affinity, positive = same.astype(float), same
-    elif config.targets == "multi_positive":
+        return same.astype(float), same
+    if config.targets == "multi_positive":
         match = same.copy()
         for key in config.multi_positive_key:
             match |= batch[key][:, None] == batch[key][None, :]
-        affinity, positive = match.astype(float), match
-    else:
-        labels = batch["labels"].astype(np.float64)
-        norm = np.linalg.norm(labels, axis=1)
-        labelled = norm > 0
-        unit = labels / np.where(labelled, norm, 1.0)[:, None]
-        cosine = np.minimum(unit @ unit.T, 1.0)
-        both = labelled[:, None] & labelled[None, :]
-        affinity = np.where(
-            same, 1.0, np.where(both, np.exp((cosine - 1) / config.soft_target_temperature), 0)
-        )
-        positive = same | (both & (cosine >= 1 - 1e-6))
-    count = mask.sum()
+        return match.astype(float), match
+    labels = batch["labels"].astype(np.float64)
+    norm = np.linalg.norm(labels, axis=1)
+    labelled = norm > 0
+    unit = labels / np.where(labelled, norm, 1.0)[:, None]
+    cosine = np.minimum(unit @ unit.T, 1.0)
+    both = labelled[:, None] & labelled[None, :]
+    affinity = np.where(
+        same, 1.0, np.where(both, np.exp((cosine - 1) / config.soft_target_temperature), 0)
+    )
+    return affinity, same | (both & (cosine >= 1 - 1e-6))
+
+
+def valid_sides(batch):
+    """(valid images, valid texts) bool [B]: `mask` and each side's own mask."""
+    mask = batch["mask"]
+    return (mask & batch.get("image_mask", np.ones_like(mask)),
+            mask & batch.get("text_mask", np.ones_like(mask)))
+
+
+def numpy_reference(image, text, scale, bias, batch, config):
+    image, text = image.astype(np.float64), text.astype(np.float64)
+    logits = scale * image @ text.T + (bias if config.name == "sigmoid" else 0.0)
+    affinity, positive = reference_targets(batch, config)
+    images, texts = valid_sides(batch)
+    rows, cols = np.flatnonzero(images), np.flatnonzero(texts)
     eps = config.label_smoothing
-    valid = np.flatnonzero(mask)
 
-    def softmax_direction(logits, affinity):
+    def counted(affinity, queries, candidates):
+        """Queries with target mass among the candidates; the others are left out."""
+        return [i for i in queries if affinity[i, candidates].sum() > 0]
+
+    def softmax_direction(logits, affinity, queries, candidates):
         total = 0.0
-        for i in valid:
-            row = logits[i, valid]
+        queries = counted(affinity, queries, candidates)
+        for i in queries:
+            row = logits[i, candidates]
             log_probs = row - np.log(np.sum(np.exp(row - row.max()))) - row.max()
-            target = affinity[i, valid] / affinity[i, valid].sum()
-            target = (1 - eps) * target + eps / count
+            target = affinity[i, candidates] / affinity[i, candidates].sum()
+            target = (1 - eps) * target + eps / len(candidates)
             total -= np.sum(target * log_probs)
-        return total / count
+        return total / len(queries)
 
-    def accuracy(logits, positive):
-        return np.mean([positive[i, valid[np.argmax(logits[i, valid])]] for i in valid])
+    def accuracy(logits, affinity, positive, queries, candidates):
+        return np.mean([positive[i, candidates[np.argmax(logits[i, candidates])]]
+                        for i in counted(affinity, queries, candidates)])
 
     if config.name == "softmax":
-        loss_i2t = softmax_direction(logits, affinity)
-        loss_t2i = softmax_direction(logits.T, affinity.T)
+        loss_i2t = softmax_direction(logits, affinity, rows, cols)
+        loss_t2i = softmax_direction(logits.T, affinity.T, cols, rows)
         loss = config.i2t_weight * loss_i2t + config.t2i_weight * loss_t2i
     else:
         target = (1 - eps) * affinity + eps / 2
         log_sig = lambda z: -np.logaddexp(0.0, -z)
         pairs = -(target * log_sig(logits) + (1 - target) * log_sig(-logits))
-        loss = loss_i2t = loss_t2i = pairs[np.ix_(valid, valid)].sum() / count
-    pair_valid = mask[:, None] & mask[None, :]
+        loss = pairs[np.ix_(rows, cols)].sum() / ((len(rows) + len(cols)) / 2)
+        loss_i2t = loss_t2i = loss
+    pair_valid = images[:, None] & texts[None, :]
     metrics = {
         "loss_i2t": loss_i2t,
         "loss_t2i": loss_t2i,
-        "acc_i2t": accuracy(logits, positive),
-        "acc_t2i": accuracy(logits.T, positive.T),
+        "acc_i2t": accuracy(logits, affinity, positive, rows, cols),
+        "acc_t2i": accuracy(logits.T, affinity.T, positive.T, cols, rows),
         "logit_pos": logits[pair_valid & positive].mean(),
         "logit_neg": logits[pair_valid & ~positive].mean(),
     }
@@ -237,6 +254,137 @@ def test_old_config_and_missing_batch_fields_use_defaults():
     want = run_loss(loss_config("softmax", "one_hot", label_smoothing=0.0, i2t_weight=0.5,
                                 t2i_weight=0.5), image, text, ones, 10.0, 0.0)
     np.testing.assert_allclose(loss, want[0], rtol=TOL, atol=TOL)
+
+
+# ----------------------------------------------------------------------------------------
+# Per-side validity (`image_mask`, `text_mask`): a text without its image and the reverse.
+
+
+def per_side_inputs():
+    """`make_inputs` plus random per-side masks that exercise every documented case."""
+    image, text, batch = make_inputs()
+    rng = np.random.default_rng(7)
+    size = len(image)
+    image_mask, text_mask = rng.random(size) > 0.3, rng.random(size) > 0.2
+    image_mask[8:12] = True
+    image_mask[12:16] = False  # A whole device of data8 without images.
+    image_mask[7], text_mask[7] = False, True  # Blank labels, no image: no soft target.
+    image_mask[28], text_mask[28] = True, False  # Blank labels, no text: no soft target.
+    image_mask[20] = text_mask[20] = False  # Neither side.
+    assert not batch["labels"][[7, 28]].any() and batch["mask"][[7, 28]].all()
+    return image, text, dict(batch, image_mask=image_mask, text_mask=text_mask)
+
+
+def selection_reference_loss(image, text, scale, bias, batch, config):
+    """The loss as a plain function of the valid images and valid texts alone (the
+    others deleted, not masked), in jnp for its gradients."""
+    images, texts = (np.flatnonzero(v) for v in valid_sides(batch))
+    affinity = jnp.asarray(reference_targets(batch, config)[0][np.ix_(images, texts)],
+                           jnp.float32)
+    logits = scale * image[images] @ text[texts].T
+    eps = config.label_smoothing
+    if config.name == "sigmoid":
+        logits = logits + bias
+        target = (1 - eps) * affinity + eps / 2
+        pairs = -(target * jax.nn.log_sigmoid(logits)
+                  + (1 - target) * jax.nn.log_sigmoid(-logits))
+        return jnp.sum(pairs) / ((len(images) + len(texts)) / 2)
+
+    def direction(logits, affinity):
+        mass = np.asarray(affinity.sum(axis=1))
+        kept = np.flatnonzero(mass > 0)
+        target = (1 - eps) * affinity[kept] / mass[kept, None] + eps / logits.shape[1]
+        return -jnp.mean(jnp.sum(target * jax.nn.log_softmax(logits[kept], axis=1), axis=1))
+
+    return (config.i2t_weight * direction(logits, affinity)
+            + config.t2i_weight * direction(logits.T, affinity.T))
+
+
+# Every loss x target kind x implementation; the sharded ones alternate between the two
+# 8-device meshes.
+PER_SIDE_CASES = [(name, targets, "dense", None) for name, targets in LOSS_TARGETS] + [
+    (name, targets, impl, ("data8", "data4_fsdp2")[(i + j) % 2])
+    for i, (name, targets) in enumerate(LOSS_TARGETS)
+    for j, impl in enumerate(SHARDED)
+]
+
+
+@pytest.mark.parametrize("name,targets,impl,mesh_name", PER_SIDE_CASES)
+def test_per_side_masks_match_references(name, targets, impl, mesh_name):
+    image, text, batch = per_side_inputs()
+    config = loss_config(name, targets, impl)
+    mesh = make_mesh(mesh_name) if mesh_name else None
+    loss, metrics, grads = run_loss(config, image, text, batch, 10.0, -5.0, mesh=mesh,
+                                    batch_axes=mesh.axis_names if mesh else ("data",))
+    want_loss, want_metrics = numpy_reference(image, text, 10.0, -5.0, batch, config)
+    np.testing.assert_allclose(loss, want_loss, rtol=TOL, atol=TOL)
+    assert set(metrics) == set(want_metrics)
+    for key, want in want_metrics.items():
+        np.testing.assert_allclose(metrics[key], want, rtol=TOL, atol=TOL, err_msg=key)
+    reference = jax.value_and_grad(selection_reference_loss, argnums=(0, 1, 2, 3))
+    ref_loss, ref_grads = reference(jnp.asarray(image), jnp.asarray(text), jnp.float32(10.0),
+                                    jnp.float32(-5.0), batch, config)
+    np.testing.assert_allclose(ref_loss, want_loss, rtol=TOL, atol=TOL)
+    for what, want, got in zip(("image", "text", "scale", "bias"), ref_grads, grads,
+                               strict=True):
+        if what == "bias" and name == "softmax":
+            want = np.zeros(())  # Softmax is shift invariant: no bias gradient.
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL, err_msg=f"grad {what}")
+    images, texts = valid_sides(batch)
+    assert not grads[0][~images].any() and not grads[1][~texts].any()
+
+
+@pytest.mark.parametrize("impl", ("dense",) + SHARDED)
+def test_all_true_per_side_masks_are_the_default(impl):
+    image, text, batch = make_inputs()
+    ones = np.ones(len(image), bool)
+    mesh = make_mesh("data8") if impl != "dense" else None
+    for name, targets in (("softmax", "soft_labels"), ("sigmoid", "multi_positive")):
+        config = loss_config(name, targets, impl)
+        plain = run_loss(config, image, text, batch, 10.0, -5.0, mesh=mesh)
+        flagged = run_loss(config, image, text, dict(batch, image_mask=ones, text_mask=ones),
+                           10.0, -5.0, mesh=mesh)
+        assert_same(plain, flagged)
+        assert_same(dense_result(name, targets), plain)
+
+
+def medclip_loss(image, text, image_labels, text_labels, scale, temperature, i2t_weight,
+                 t2i_weight):
+    """MedCLIP's semantic matching loss on an [M] x [N] batch, as the paper writes it:
+    the targets are softmax(cos(labels) / T) over the other side."""
+    unit = lambda labels: labels / np.linalg.norm(labels, axis=1, keepdims=True)
+    cosine = jnp.asarray(unit(image_labels) @ unit(text_labels).T, jnp.float32)
+    logits = scale * image @ text.T
+    cross_entropy = lambda logits, cosine: -jnp.mean(jnp.sum(
+        jax.nn.softmax(cosine / temperature, axis=1) * jax.nn.log_softmax(logits, axis=1),
+        axis=1))
+    return (i2t_weight * cross_entropy(logits, cosine)
+            + t2i_weight * cross_entropy(logits.T, cosine.T))
+
+
+@pytest.mark.parametrize("impl", ("dense",) + SHARDED)
+def test_a_masked_image_is_a_removed_image(impl):
+    """MedCLIP soft targets: image_mask False on rows R is the loss of the batch without
+    those images (their reports stay), and those images get no gradient."""
+    image, text, batch = make_inputs()
+    labels = batch["labels"].copy()
+    labels[~labels.any(axis=1), 0] = 1.0  # MedCLIP's formula needs a label on every row.
+    removed = [6, 13, 14]
+    image_mask = np.ones(len(image), bool)
+    image_mask[removed] = False
+    batch = dict(batch, labels=labels, mask=np.ones(len(image), bool), image_mask=image_mask)
+    config = loss_config("softmax", "soft_labels", impl, label_smoothing=0.0)
+    mesh = make_mesh("data8") if impl != "dense" else None
+    loss, _, grads = run_loss(config, image, text, batch, 10.0, 0.0, mesh=mesh)
+
+    kept = np.delete(np.arange(len(image)), removed)
+    want, (want_image, want_text) = jax.value_and_grad(medclip_loss, argnums=(0, 1))(
+        jnp.asarray(image[kept]), jnp.asarray(text), labels[kept], labels, 10.0,
+        config.soft_target_temperature, config.i2t_weight, config.t2i_weight)
+    np.testing.assert_allclose(loss, want, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(grads[0][kept], want_image, rtol=TOL, atol=TOL)
+    assert not grads[0][removed].any()
+    np.testing.assert_allclose(grads[1], want_text, rtol=TOL, atol=TOL)
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,6 +525,10 @@ def test_targets_with_the_wrong_length():
         call_loss(image, text, short, targets="multi_positive")
     with pytest.raises(ValueError, match=r"batch\['mask'\] must be bool \[32\]"):
         call_loss(image, text, dict(batch, mask=batch["mask"][:16]))
+    for side in ("image_mask", "text_mask"):
+        with pytest.raises(ValueError, match=rf"batch\['{side}'\] must be bool \[32\].*"
+                                             r"got shape \(32, 1\)"):
+            call_loss(image, text, dict(batch, **{side: batch["mask"][:, None]}))
     with pytest.raises(ValueError, match=r"batch\['labels'\] must be float \[32, num_labels\]"):
         call_loss(image, text, dict(batch, labels=batch["labels"][:, 0]), targets="soft_labels")
     with pytest.raises(ValueError, match=r"needs batch\['labels'\]"):

@@ -9,7 +9,10 @@
   synthetic studies, and the loss falls;
 - `loss.multiview` is refused without `data.multiview` (and the reverse), with GradCache
   and with `loss.local`;
-- default configs keep their parameter tree and outputs (no local parameters).
+- default configs keep their parameter tree and outputs (no local parameters);
+- text-label examples (`image_mask` False, MedCLIP's decoupled reports): medclip_synthetic
+  with `text_fraction` trains, and the masks reach the loss through the train step and
+  GradCache (the masked images do not change loss or gradients).
 """
 
 import flax.linen as nn
@@ -431,3 +434,66 @@ def test_multiview_refusals(setup):
     with pytest.raises(ValueError, match=r"\['image2', 'tokens2'\].*data.multiview=True"):
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             jax.eval_shape(fn, setup.state.params, setup.batch)
+
+
+# ------------------------------------------------------------ text-label examples
+
+
+def test_medclip_config_trains_with_text_only_rows(studies, sentencepiece_model):
+    config = config_lib.config_from_flags(
+        "experiments/medclip_synthetic.py:runlocal,text_fraction=0.25",
+        [f"global_batch_size={GLOBAL_BATCH}", "optim.warmup_steps=1", "optim.learning_rate=3e-4"],
+    )
+    assert config.data.decoupled.text_only_fraction == 0.25
+    train.check_config(config)
+    batch = _study_batch(config, studies, sentencepiece_model)
+    # A quarter of the rows are reports without their image, as the pipeline chooses them
+    # (rows with a non-zero label row).
+    labelled = np.flatnonzero(batch["labels"].any(axis=1))
+    text_only = np.zeros(GLOBAL_BATCH, bool)
+    text_only[np.random.default_rng(0).choice(labelled, GLOBAL_BATCH // 4, replace=False)] = True
+    batch.update(label_prompt=np.zeros(GLOBAL_BATCH, bool), image_mask=~text_only,
+                 text_mask=np.ones(GLOBAL_BATCH, bool))
+    assert set(batch) == set(train.abstract_batch(config))
+    history = _train(config, batch)
+    loss = [float(m["loss"]) for m in history]
+    assert all(np.isfinite(loss)) and loss[-1] < loss[0], loss
+
+
+def test_image_masks_reach_the_loss_in_the_step_and_gradcache():
+    config = _small_config("ring")
+    config.model.local_dim = None
+    config.loss = ml_collections.ConfigDict(dict(name="softmax", impl="ring",
+                                                 targets="soft_labels"))
+    mesh, rules = parallel.make_mesh(config.mesh), parallel.logical_rules(config)
+    model = _build_model(config)
+    state, _ = trainer.create_train_state(model, optax.sgd(1.0), config.data, mesh, rules,
+                                          seed=0)
+    rng = np.random.default_rng(1)
+    batch = _random_batch(config)
+    batch["labels"] = rng.integers(-1, 2, (GLOBAL_BATCH, 14)).astype(np.float32)
+    batch["image_mask"] = np.arange(GLOBAL_BATCH) % 4 != 1
+    batch["text_mask"] = np.ones(GLOBAL_BATCH, bool)
+    noisy = dict(batch, image=batch["image"].copy())
+    noisy["image"][~batch["image_mask"]] = rng.normal(size=noisy["image"][:4].shape)
+
+    def run(fn, host_batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            (loss, _), grads = jax.jit(fn)(state.params, parallel.host_to_global(host_batch,
+                                                                                   mesh))
+        return float(loss), jax.device_get(grads)
+
+    full = trainer.make_loss_and_grads(model, config.loss, mesh)
+    loss, grads = run(full, batch)
+    # A masked image is not seen: other pixels there give the same loss and gradients.
+    noisy_loss, noisy_grads = run(full, noisy)
+    np.testing.assert_allclose(noisy_loss, loss, rtol=1e-6)
+    _assert_trees_close(noisy_grads, grads)
+    unmasked_loss, _ = run(full, {k: v for k, v in noisy.items() if k != "image_mask"})
+    assert abs(unmasked_loss - loss) > 1e-3
+    # GradCache computes the loss on the whole batch's embeddings: the same masks apply.
+    micro = trainer.make_loss_and_grads(model, config.loss, mesh,
+                                        microbatch_size=GLOBAL_BATCH // 2)
+    micro_loss, micro_grads = run(micro, noisy)
+    np.testing.assert_allclose(micro_loss, loss, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(micro_grads, grads)
