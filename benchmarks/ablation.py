@@ -11,7 +11,7 @@ TEST split with `evaluation.build_report`: zero-shot mean AUC, image->report Rec
 and the linear probe's mean AUC at 1% of the training labels. Writes a markdown table
 (mean ± sd over seeds per method) to `--out` and prints it.
 
-Methods are the experiment files: clip = experiments/tiny_synthetic.py, medclip =
+Methods are the experiment files: clip = experiments/tiny_synthetic.py:recipe=clip, medclip =
 experiments/medclip_synthetic.py (soft targets from label similarity), gloria =
 experiments/gloria_synthetic.py (plus the local word-region loss), cxrclip =
 experiments/cxrclip_synthetic.py (two views and two texts per study, image-image and
@@ -38,7 +38,7 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {
-    "clip": "experiments/tiny_synthetic.py",
+    "clip": "experiments/tiny_synthetic.py:recipe=clip",
     "medclip": "experiments/medclip_synthetic.py",
     "gloria": "experiments/gloria_synthetic.py",
     "cxrclip": "experiments/cxrclip_synthetic.py",
@@ -90,7 +90,9 @@ def run_config(method: str, seed: int, steps: int, bootstrap_samples: int):
     """The experiment's config for one run of the ablation."""
     from jaxmedclip import config_lib
 
-    config = config_lib.load_config(f"{os.path.join(REPO, METHODS[method])}:total_steps={steps}")
+    path, _, arg = METHODS[method].partition(":")
+    arg = f"{arg},total_steps={steps}" if arg else f"total_steps={steps}"
+    config = config_lib.load_config(f"{os.path.join(REPO, path)}:{arg}")
     config.seed = seed
     config.eval.every_steps = 0  # Only the final checkpoint is evaluated, on test.
     config.eval.split = "test"

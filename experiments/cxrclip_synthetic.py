@@ -17,8 +17,9 @@ global batch reads its labels written as text instead of its report (CXR-CLIP's
 labels-as-text; `data.decoupled`, input_pipeline/label_prompts.py), both texts then
 being prompt draws; label-only records (none in the synthetic data) always do.
 
-Everything else is tiny_synthetic's (loaded from the file beside this one, so the two
-stay in sync), plus the augmentation a one-view study needs for its second image:
+Everything else is tiny_synthetic's "clip" recipe (loaded from the file beside this one,
+so the two stay in sync; tiny_synthetic's default recipe is this one plus normal studies
+as positives), plus the augmentation a one-view study needs for its second image:
 
 python -m jaxmedclip.train --config experiments/cxrclip_synthetic.py --workdir /tmp/cxrclip
 python -m jaxmedclip.train --config experiments/cxrclip_synthetic.py:runlocal --workdir ...
@@ -38,7 +39,7 @@ def get_config(arg=None):
         arg,
         runlocal=False,
         loss_impl="all_gather",
-        total_steps=1000,
+        total_steps=700,
         targets="multi_positive",
         texts="findings_impression",
         image_image_weight=1.0,
@@ -46,7 +47,7 @@ def get_config(arg=None):
         prompt_fraction=0.0,
     )
     config = config_lib.load_config(
-        f"{BASE}:runlocal={arg.runlocal},loss_impl={arg.loss_impl},"
+        f"{BASE}:recipe=clip,runlocal={arg.runlocal},loss_impl={arg.loss_impl},"
         f"total_steps={arg.total_steps},targets={arg.targets}"
     )
     config.data.multiview = True

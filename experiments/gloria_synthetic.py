@@ -33,7 +33,7 @@ def get_config(arg=None):
         local_impl="",  # "": the same as loss_impl.
     )
     config = config_lib.load_config(
-        f"{BASE}:runlocal={arg.runlocal},loss_impl={arg.loss_impl},"
+        f"{BASE}:recipe=clip,runlocal={arg.runlocal},loss_impl={arg.loss_impl},"
         f"total_steps={arg.total_steps},targets={arg.targets}"
     )
     config.model.local_dim = 64

@@ -39,7 +39,8 @@ def get_config(arg=None):
         prompt_fraction=0.0,
         text_fraction=0.0,
     )
-    base_arg = f"runlocal={arg.runlocal},loss_impl={arg.loss_impl},total_steps={arg.total_steps}"
+    base_arg = (f"recipe=clip,runlocal={arg.runlocal},loss_impl={arg.loss_impl},"
+                f"total_steps={arg.total_steps}")
     config = config_lib.load_config(f"{BASE}:{base_arg},targets=soft_labels")
     # MedCLIP's semantic-matching temperature on the label cosines.
     config.loss.soft_target_temperature = arg.temperature

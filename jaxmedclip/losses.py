@@ -19,9 +19,12 @@ Config (`config.loss`, read with defaults so older configs keep working):
   name: "softmax" (symmetric InfoNCE) | "sigmoid" (SigLIP). Default "softmax".
   impl: "dense" | "all_gather" | "ring". Default "all_gather". Without a mesh: dense.
   targets: "one_hot" | "multi_positive" | "soft_labels". Default "one_hot".
-  multi_positive_key: "study_id" | "text_id" | both (a tuple, or "study_id,text_id"):
-    two examples are positives of each other if any of these batch fields match.
-    Default "study_id".
+  multi_positive_key: one or more of "study_id", "text_id", "no_finding" (a tuple, or
+    "study_id,text_id"): two examples are positives of each other if any of these keys
+    match. "study_id" and "text_id" are batch fields; "no_finding" is read from
+    `batch["labels"]`: every two examples labelled "No Finding" (label 1) match, since
+    two normal studies are not negatives of each other whatever their reports' wording
+    (other examples get no match from it). Default "study_id".
   soft_target_temperature: T of the MedCLIP-style soft targets. Default 0.1.
   label_smoothing: epsilon in [0, 1). Default 0.
   i2t_weight, t2i_weight: weights of the two softmax directions. Default 0.5 each.
@@ -93,10 +96,13 @@ import ml_collections
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from input_pipeline.findings import CHEXPERT_FINDINGS
+
 LOSSES = ("softmax", "sigmoid")
 IMPLEMENTATIONS = ("dense", "all_gather", "ring")
 TARGETS = ("one_hot", "multi_positive", "soft_labels")
-MULTI_POSITIVE_KEYS = ("study_id", "text_id")
+MULTI_POSITIVE_KEYS = ("study_id", "text_id", "no_finding")
+_NO_FINDING = CHEXPERT_FINDINGS.index("No Finding")  # Its column in `labels`.
 
 _MASKED_LOGIT = -1e9  # Masked columns in the dense softmax: exp() underflows to exactly 0.
 _SAME_LABELS_COSINE = 1.0 - 1e-6
@@ -717,6 +723,16 @@ def _raw_targets(batch: Mapping[str, jax.Array], size: int, spec: LossSpec):
     if spec.targets == "multi_positive":
         keys = []
         for name in spec.multi_positive_key:
+            if name == "no_finding":
+                labels = field("labels", 2, f"float [{size}, num_labels]")
+                if labels.shape[1] <= _NO_FINDING:
+                    raise ValueError(
+                        f"multi_positive_key 'no_finding' reads column {_NO_FINDING} of "
+                        f"batch['labels'] ('No Finding'); got shape {labels.shape}")
+                # -1 for every normal example; else its position, which matches no other.
+                normal = labels[:, _NO_FINDING] == 1
+                keys.append(jnp.where(normal, -1, jnp.arange(size, dtype=jnp.int32)))
+                continue
             key = field(name, 1, f"int [{size}], one id per example")
             if not jnp.issubdtype(key.dtype, jnp.integer):
                 raise ValueError(f"batch[{name!r}] must hold integer ids; got {key.dtype}")

@@ -34,9 +34,19 @@ def test_parse_arg_bad_value():
 def test_load_config_with_arg():
     full = config_lib.load_config(TINY)
     local = config_lib.load_config(TINY + ":runlocal,total_steps=3")
-    assert full.total_steps == 2000 and full.global_batch_size == 64
+    assert full.total_steps == 800 and full.global_batch_size == 64
     assert local.total_steps == 20  # runlocal shrinks everything, including steps.
     assert local.global_batch_size == 32
+    # The default recipe is CXR-CLIP multi-view with normal studies as positives; runlocal
+    # and recipe=clip are plain CLIP (2,000 steps).
+    assert full.data.multiview and full.loss.multiview.image_image_weight == 1.0
+    assert full.loss.multi_positive_key == "text_id,no_finding"
+    assert not local.data.get("multiview", False) and local.loss.multi_positive_key == "text_id"
+    clip = config_lib.load_config(TINY + ":recipe=clip")
+    assert clip.total_steps == 2000 and not clip.data.get("multiview", False)
+    assert config_lib.load_config(TINY + ":runlocal,recipe=cxrclip").data.multiview
+    with pytest.raises(ValueError, match="recipe='simclr' is unknown"):
+        config_lib.load_config(TINY + ":recipe=simclr")
     assert config_lib.load_config(TINY + ":loss_impl=dense").loss.impl == "dense"
     with pytest.raises(ValueError, match="unknown config option 'nope'"):
         config_lib.load_config(TINY + ":nope=1")

@@ -246,6 +246,38 @@ def test_multi_positive_with_unique_ids_is_one_hot():
     assert_same(run_loss(loss_config("softmax", "one_hot"), image, text, batch, 10.0, 0.0), multi)
 
 
+@pytest.mark.parametrize("impl", ("dense",) + SHARDED)
+def test_no_finding_key_makes_normal_examples_positives(impl):
+    """The "no_finding" key equals an explicit id field that is shared by the examples
+    labelled "No Finding" and unique otherwise, on every implementation."""
+    image, text, batch = make_inputs(num_labels=14)
+    no_finding = losses.CHEXPERT_FINDINGS.index("No Finding")
+    batch["labels"][:, no_finding] = 0.0
+    batch["labels"][[0, 2, 9, 11, 20, 27], no_finding] = 1.0  # 20 and 27 across devices.
+    mesh = make_mesh("data8") if impl != "dense" else None
+    axes = ("data",)
+    config = loss_config("softmax", "multi_positive", impl, multi_positive_key="text_id,no_finding")
+    got = run_loss(config, image, text, batch, 10.0, 0.0, mesh=mesh, batch_axes=axes)
+    explicit = dict(batch)
+    explicit["study_id"] = np.where(batch["labels"][:, no_finding] == 1, 10_000,
+                                    np.arange(len(image))).astype(np.int32)
+    want = run_loss(loss_config("softmax", "multi_positive", "dense"), image, text, explicit,
+                    10.0, 0.0)
+    assert_same(want, got)
+    # And it changes the loss: normal examples 0 and 2 are no longer negatives.
+    plain = run_loss(loss_config("softmax", "multi_positive", "dense",
+                                 multi_positive_key="text_id"), image, text, batch, 10.0, 0.0)
+    assert abs(float(plain[0]) - float(got[0])) > 1e-3
+
+
+def test_no_finding_key_needs_labels():
+    image, text, batch = make_inputs()
+    del batch["labels"]
+    config = loss_config("softmax", "multi_positive", multi_positive_key="no_finding")
+    with pytest.raises(ValueError, match="labels"):
+        run_loss(config, image, text, batch, 10.0, 0.0)
+
+
 def test_old_config_and_missing_batch_fields_use_defaults():
     image, text, batch = make_inputs()
     config = ml_collections.ConfigDict(dict(name="softmax", impl="all_gather"))
