@@ -34,7 +34,7 @@ def test_parse_arg_bad_value():
 def test_load_config_with_arg():
     full = config_lib.load_config(TINY)
     local = config_lib.load_config(TINY + ":runlocal,total_steps=3")
-    assert full.total_steps == 800 and full.global_batch_size == 64
+    assert full.total_steps == 850 and full.global_batch_size == 64
     assert local.total_steps == 20  # runlocal shrinks everything, including steps.
     assert local.global_batch_size == 32
     # The default recipe is CXR-CLIP multi-view with normal studies as positives; runlocal
