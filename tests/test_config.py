@@ -1,9 +1,13 @@
 """Config files, typed options, field overrides and the errors a user sees."""
 
+import glob
+import os
+
 import pytest
 
 from jaxmedclip import config_lib, train
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "experiments/tiny_synthetic.py"
 VIT_B16 = "experiments/vit_b16_mimic.py"
 
@@ -126,3 +130,14 @@ def test_bad_config_stops_before_work(override, message, tmp_path, capsys):
             ["--config", TINY + ":runlocal", "--workdir", str(workdir), f"--config.{override}"]
         )
     assert not workdir.exists()  # Nothing was built or written.
+
+
+@pytest.mark.parametrize(
+    "spec",
+    sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
+    + [os.path.join(REPO, "experiments", "tiny_synthetic.py:runlocal,recipe=cxrclip")],
+)
+def test_every_experiment_passes_the_config_checks(spec):
+    """Each shipped experiment, as its default options build it, is a config the trainer
+    accepts (the checks run before any data is built)."""
+    train.check_config(config_lib.load_config(spec))
