@@ -223,14 +223,18 @@ class LabelOnly(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
 
+    def _labels_and_report(self, i):
+        """(labels [14], NaN blank; has_report) of record i."""
+        labels = np.full(NUM_FINDINGS, np.nan, np.float32)
+        if i != 7:
+            labels[i] = 1.0
+        return labels, i % 2 == 0
+
     def _generate_examples(self):
         for i in range(8):
             buffer = io.BytesIO()
             Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(buffer, format="PNG")
-            labels = np.full(NUM_FINDINGS, np.nan, np.float32)
-            if i != 7:
-                labels[i] = 1.0
-            has_report = i % 2 == 0
+            labels, has_report = self._labels_and_report(i)
             yield i, {"image": buffer.getvalue(), "view": "PA", "study_id": f"s{i}",
                       "findings": f"Finding number {i}." if has_report else "",
                       "impression": "", "labels": labels, "has_report": has_report}
@@ -266,16 +270,10 @@ class TextOnlyCases(LabelOnly):
     but all labels blank, 1 only negative mentions (0), 5 and 7 labels but no report;
     2, 3, 4, 6 a report and a positive or uncertain label."""
 
-    def _generate_examples(self):
-        for i in range(8):
-            buffer = io.BytesIO()
-            Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(buffer, format="PNG")
-            labels = np.full(NUM_FINDINGS, np.nan, np.float32)
-            labels[i] = {0: np.nan, 1: 0.0, 6: -1.0}.get(i, 1.0)
-            has_report = i not in (5, 7)
-            yield i, {"image": buffer.getvalue(), "view": "PA", "study_id": f"s{i}",
-                      "findings": f"Finding number {i}." if has_report else "",
-                      "impression": "", "labels": labels, "has_report": has_report}
+    def _labels_and_report(self, i):
+        labels = np.full(NUM_FINDINGS, np.nan, np.float32)
+        labels[i] = {0: np.nan, 1: 0.0, 6: -1.0}.get(i, 1.0)
+        return labels, i not in (5, 7)
 
 
 def test_rows_the_loss_cannot_use_without_their_image_keep_it(tmp_path, data_dir, prepared):
