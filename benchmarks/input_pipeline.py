@@ -13,7 +13,9 @@ Pins the process to one core (`os.sched_setaffinity`) and gives TensorFlow one t
    `data.augment`, else a typical one: crop, rotation, brightness/contrast/gamma),
    normalisation, batching; in images/s;
 
-and ends with `pipeline_vs_decode=<full / bare>`.
+The two are measured alternately, `--rounds` times each (a shared virtual machine's
+speed drifts by 20% over a minute), and the rates reported are the medians; the last
+line is `pipeline_vs_decode=<median over rounds of full / bare>`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ TYPICAL_AUGMENT = dict(crop_scale=(0.6, 1.0), crop_aspect=(0.8, 1.25), rotation_
 
 
 def rate(dataset, batch_size: int, seconds: float) -> float:
-    """Images per second over `seconds`, after a warm-up of a few batches."""
+    """Images per second over `seconds` from a fresh iterator, after a few warm-up batches
+    (no other pipeline runs meanwhile: each iterator is gone before the next starts)."""
     iterator = dataset.as_numpy_iterator()
     for _ in range(3):
         next(iterator)
@@ -45,7 +48,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(REPO, "experiments",
                                                          "tiny_synthetic.py"))
-    parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=40.0,
+                        help="per pipeline, over all rounds")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--cpu", type=int, default=None,
                         help="core to pin to (default: the last one allowed)")
     parser.add_argument("--no_augment", action="store_true",
@@ -98,11 +103,17 @@ def main() -> None:
     print(f"cpu {cpu}, batch {batch_size}, {len(source)} train records, source "
           f"{pngs[0] and tf.io.decode_png(pngs[0]).shape.as_list()} -> {size}x{size}, "
           f"text={data.text}, augment={data.augment and dict(data.augment)}")
-    bare_rate = rate(bare, batch_size, args.seconds)
-    print(f"bare decode+resize: {bare_rate:.0f} images/s")
-    full_rate = rate(full, batch_size, args.seconds)
-    print(f"full pipeline: {full_rate:.0f} images/s")
-    print(f"pipeline_vs_decode={full_rate / bare_rate:.3f}")
+    datasets = {"bare": bare, "full": full}
+    rates = {name: [] for name in datasets}
+    for round_ in range(args.rounds):
+        for name, dataset in datasets.items():
+            rates[name].append(rate(dataset, batch_size, args.seconds / args.rounds))
+        print(f"round {round_}: bare {rates['bare'][-1]:.0f}, full {rates['full'][-1]:.0f} "
+              "images/s")
+    ratios = [full / bare for full, bare in zip(rates["full"], rates["bare"], strict=True)]
+    print(f"bare decode+resize: {np.median(rates['bare']):.0f} images/s (median)")
+    print(f"full pipeline: {np.median(rates['full']):.0f} images/s (median)")
+    print(f"pipeline_vs_decode={np.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

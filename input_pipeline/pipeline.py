@@ -305,7 +305,7 @@ class EpochOrder:
     """Position t of the training stream -> record `permutation(seed, t // N)[t % N]`.
 
     The permutation of an epoch is numpy's (PCG64 seeded by (seed, salt, epoch)); the
-    last few are cached, so reading is O(1) per example after O(N) once per epoch.
+    last few used are cached, so reading is O(1) per example after O(N) once per epoch.
     """
 
     def __init__(self, num_records: int, seed: int, cached_epochs: int = 3):
@@ -315,12 +315,14 @@ class EpochOrder:
 
     def permutation(self, epoch: int) -> np.ndarray:
         with self._lock:
-            if epoch not in self._cache:
+            permutation = self._cache.pop(epoch, None)
+            if permutation is None:
                 rng = np.random.default_rng([self.seed, SALT_ORDER, epoch])
-                self._cache[epoch] = rng.permutation(self.num_records)
-                while len(self._cache) > self.cached_epochs:
-                    self._cache.pop(min(self._cache))
-            return self._cache[epoch]
+                permutation = rng.permutation(self.num_records)
+            self._cache[epoch] = permutation  # Most recently used last.
+            while len(self._cache) > self.cached_epochs:
+                self._cache.pop(next(iter(self._cache)))
+            return permutation
 
     def records_at(self, positions: np.ndarray) -> np.ndarray:
         epochs, within = np.divmod(positions, self.num_records)

@@ -101,3 +101,15 @@ def test_order_depends_on_the_seed(config, prepared):
     first = np.concatenate([b["study_id"] for b in batches(config, prepared, 3)])
     other = np.concatenate([b["study_id"] for b in batches(config, prepared, 3, seed=1)])
     assert not np.array_equal(first, other)
+
+
+def test_epoch_order_after_going_back_to_an_earlier_epoch():
+    # A second iterator over the same dataset starts again at epoch 0 while the cache
+    # holds later epochs: the cache must not evict the epoch it was just asked for.
+    order = pipeline.EpochOrder(5, seed=3, cached_epochs=2)
+    first = order.records_at(np.arange(5))
+    later = order.records_at(np.arange(5, 30))  # Epochs 1..5 pass through the cache.
+    np.testing.assert_array_equal(order.records_at(np.arange(5)), first)
+    np.testing.assert_array_equal(order.records_at(np.arange(5, 30)), later)
+    np.testing.assert_array_equal(pipeline.EpochOrder(5, seed=3).records_at(np.arange(30)),
+                                  np.concatenate([first, later]))
