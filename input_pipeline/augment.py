@@ -137,14 +137,102 @@ def augment_images(images: tf.Tensor, positions: tf.Tensor, seed: int,
 
     `stream`: which independent augmentation of an example position (0: the image;
     1: the second image of a multi-view example)."""
-    offset = stream * SALT_STREAM_STRIDE
     if config.geometric:
-        u = uniform(seed, SALT_GEOMETRY + offset, positions, 6)
+        u = uniform(seed, SALT_GEOMETRY + stream * SALT_STREAM_STRIDE, positions, 6)
         images = _geometric(images, u, config)
-    if config.photometric:
-        u = uniform(seed, SALT_PHOTOMETRIC + offset, positions, 3)
-        images = _photometric(images, u, config)
-    return images
+    return photometric(images, positions, seed, config, stream)
+
+
+def photometric(images: tf.Tensor, positions: tf.Tensor, seed: int, config: AugmentConfig,
+                stream: int = 0) -> tf.Tensor:
+    """The brightness / contrast / gamma part of `augment_images` alone."""
+    if not config.photometric:
+        return images
+    u = uniform(seed, SALT_PHOTOMETRIC + stream * SALT_STREAM_STRIDE, positions, 3)
+    return _photometric(images, u, config)
+
+
+def augment_source(image: tf.Tensor, position: tf.Tensor, seed: int, config: AugmentConfig,
+                   size: int, stream: int = 0) -> tf.Tensor:
+    """Decoded float32 [h, w, C] in [0, 1], any size -> [size, size, C]: the aspect-keeping
+    resize with zero padding of `pipeline.decode_and_resize`, then the geometric part of
+    `augment_images` for example `position`, done as one resampling of the source.
+
+    `source_warps` (batched, before decoding) and `warp_source` (per image) in one call.
+    """
+    shape = tf.shape(image)
+    transform, block = source_warps(tf.reshape(position, [1]), seed, config, size,
+                                    shape[None, 0], shape[None, 1], stream)
+    return warp_source(image, transform[0], block[0], size)
+
+
+def source_warps(positions: tf.Tensor, seed: int, config: AugmentConfig, size: int,
+                 source_height: tf.Tensor, source_width: tf.Tensor, stream: int = 0
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
+    """The geometric augmentation of examples [N] whose decoded sources are
+    source_height x source_width, as `warp_source` arguments: (transform float32 [N, 8],
+    block int32 [N, 2]).
+
+    Two resamplings (an antialiased resize, then the crop/rotation warp) cost twice what
+    one does, and blur twice; training warps the source once. Where the warp reads the
+    source at more than 1.5 source pixels per output pixel, the source is first averaged
+    over blocks of k_y x k_x pixels (k rounded from that ratio, per axis), so that the
+    bilinear warp skips no pixel: a box prefilter where the resize has a triangle, and
+    about as sharp as the resized evaluation image (docs/benchmarks.md). At k = 1 the
+    warp reads the source pixels directly; a whole-image crop of a `size`-square source
+    is the identity. Computed batched: per image only the block mean and the warp run.
+    """
+    if not config.geometric:
+        raise ValueError("source_warps needs a geometric augmentation "
+                         "(crop_scale, rotation_degrees or horizontal_flip)")
+    u = uniform(seed, SALT_GEOMETRY + stream * SALT_STREAM_STRIDE, positions, 6)
+    # Output pixel -> the padded frame of decode_and_resize (TensorFlow's convention:
+    # pixel centres at integer coordinates).
+    a = tf.unstack(_frame_affine(*_crop_geometry(u, config, float(size), float(size))),
+                   axis=1)
+    # Frame -> source: tf.image.resize_with_pad's geometry, computed as it computes it
+    # (float32), then its resize's half-pixel-centre mapping.
+    height = tf.maximum(tf.cast(tf.reshape(source_height, [-1]), tf.float32), 1.0)
+    width = tf.maximum(tf.cast(tf.reshape(source_width, [-1]), tf.float32), 1.0)
+    ratio = tf.maximum(width / size, height / size)
+    pad_h = tf.maximum(0.0, tf.floor((size - height / ratio) / 2))
+    pad_w = tf.maximum(0.0, tf.floor((size - width / ratio) / 2))
+    scale_y, scale_x = height / tf.floor(height / ratio), width / tf.floor(width / ratio)
+    # Source pixels per output pixel along each output axis -> block size per axis.
+    k_x = tf.maximum(1.0, tf.round(scale_x * tf.sqrt(a[0] ** 2 + a[3] ** 2)))
+    k_y = tf.maximum(1.0, tf.round(scale_y * tf.sqrt(a[1] ** 2 + a[4] ** 2)))
+    # Frame coordinate f -> block coordinate ((f - pad + 0.5) * scale - 0.5 - (k - 1) / 2) / k.
+    gx, cx = scale_x / k_x, ((0.5 - pad_w) * scale_x - 0.5 - (k_x - 1) / 2) / k_x
+    gy, cy = scale_y / k_y, ((0.5 - pad_h) * scale_y - 0.5 - (k_y - 1) / 2) / k_y
+    zero = tf.zeros_like(gx)
+    transform = tf.stack([gx * a[0], gx * a[1], gx * a[2] + cx,
+                          gy * a[3], gy * a[4], gy * a[5] + cy, zero, zero], axis=1)
+    return transform, tf.cast(tf.stack([k_y, k_x], axis=1), tf.int32)
+
+
+def warp_source(image: tf.Tensor, transform: tf.Tensor, block: tf.Tensor, size: int
+                ) -> tf.Tensor:
+    """[h, w, C] -> [size, size, C]: the block mean of `block` (k_y, k_x), then one
+    bilinear warp by `transform` (both from `source_warps`); zero outside the image."""
+    image = _block_mean(image, block[0], block[1])
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=[size, size],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+
+
+def _block_mean(image: tf.Tensor, k_y: tf.Tensor, k_x: tf.Tensor) -> tf.Tensor:
+    """[h, w, C] -> [h // k_y, w // k_x, C], the mean of each k_y x k_x block (a remainder
+    of fewer than k rows or columns at the bottom and right is left out)."""
+    shape = tf.shape(image)
+    rows, cols = shape[0] // k_y, shape[1] // k_x
+    whole = image[:rows * k_y, :cols * k_x]
+    # Bilinear resizing by a factor of 1 or 2 along an axis reads each output pixel
+    # halfway between two input pixels: the exact block mean, and 4x faster than the
+    # area resize, which is exact for any integer factor.
+    return tf.case([(tf.reduce_all(tf.equal([k_y, k_x], 1)), lambda: image),
+                    (tf.reduce_all(tf.less_equal([k_y, k_x], 2)),
+                     lambda: tf.image.resize(whole, [rows, cols], method="bilinear"))],
+                   default=lambda: tf.image.resize(whole, [rows, cols], method="area"))
 
 
 def rowwise(fn, x: tf.Tensor, *args: tf.Tensor) -> tf.Tensor:
@@ -169,10 +257,10 @@ def _between(u: tf.Tensor, low: float, high: float) -> tf.Tensor:
     return low + (high - low) * u
 
 
-def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
-    """One projective resampling per image: crop, rotation and flip together."""
-    height = tf.cast(tf.shape(images)[1], tf.float32)
-    width = tf.cast(tf.shape(images)[2], tf.float32)
+def _crop_geometry(u: tf.Tensor, config: AugmentConfig, height: float, width: float
+                   ) -> tuple[tf.Tensor, ...]:
+    """Per image [N]: crop width and height, crop centre x and y (pixel edges at integer
+    coordinates), rotation angle (radians) and flip (-1 mirrored, 1 not)."""
     if config.crop_scale is None:
         crop_w, crop_h = tf.fill(tf.shape(u[:, 0]), width), tf.fill(tf.shape(u[:, 0]), height)
     else:
@@ -187,6 +275,29 @@ def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Ten
     flip = tf.ones_like(angle)
     if config.horizontal_flip:
         flip = tf.where(u[:, 5] < 0.5, -1.0, 1.0)
+    return crop_w, crop_h, centre_x, centre_y, angle, flip, height, width
+
+
+def _frame_affine(crop_w, crop_h, centre_x, centre_y, angle, flip, height, width
+                  ) -> tf.Tensor:
+    """[N, 6]: output pixel (x, y) -> (a0 x + a1 y + a2, a3 x + a4 y + a5) in the input
+    image, both with pixel centres at integer coordinates (TensorFlow's convention)."""
+    cos, sin = rowwise(tf.cos, angle), rowwise(tf.sin, angle)
+    # Output pixel (x, y) has centre (x + 0.5, y + 0.5); its offset from the crop centre
+    # is (du, dv) = (flip * ((x + 0.5) * sx - w / 2), (y + 0.5) * sy - h / 2), rotated
+    # into the input.
+    sx, sy = flip * crop_w / width, crop_h / height
+    ox, oy = flip * (0.5 * crop_w / width - crop_w / 2), 0.5 * crop_h / height - crop_h / 2
+    return tf.stack([cos * sx, -sin * sy, centre_x - 0.5 + cos * ox - sin * oy,
+                     sin * sx, cos * sy, centre_y - 0.5 + sin * ox + cos * oy], axis=1)
+
+
+def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
+    """One projective resampling per image: crop, rotation and flip together."""
+    height = tf.cast(tf.shape(images)[1], tf.float32)
+    width = tf.cast(tf.shape(images)[2], tf.float32)
+    geometry = _crop_geometry(u, config, height, width)
+    crop_w, crop_h, centre_x, centre_y, _, flip = geometry[:6]
     if not config.rotation_degrees:
         # Crop (and flip) alone: crop_and_resize is several times faster than the general
         # projective resampling. Box corners are the outermost pixel centres, normalised.
@@ -198,16 +309,8 @@ def _geometric(images: tf.Tensor, u: tf.Tensor, config: AugmentConfig) -> tf.Ten
         return tf.image.crop_and_resize(
             images, tf.stack([y0, x0, y1, x1], axis=1), tf.range(tf.shape(images)[0]),
             tf.shape(images)[1:3], method="bilinear")
-    cos, sin = rowwise(tf.cos, angle), rowwise(tf.sin, angle)
-    # Output pixel (x, y) has centre (x + 0.5, y + 0.5); its offset from the crop centre
-    # is (du, dv) = (flip * ((x + 0.5) * sx - w / 2), (y + 0.5) * sy - h / 2), rotated
-    # into the source; TensorFlow samples source pixel centres at integer coordinates.
-    sx, sy = flip * crop_w / width, crop_h / height
-    ox, oy = flip * (0.5 * crop_w / width - crop_w / 2), 0.5 * crop_h / height - crop_h / 2
-    transforms = tf.stack([
-        cos * sx, -sin * sy, centre_x - 0.5 + cos * ox - sin * oy,
-        sin * sx, cos * sy, centre_y - 0.5 + sin * ox + cos * oy,
-        tf.zeros_like(cos), tf.zeros_like(cos)], axis=1)
+    affine = _frame_affine(*geometry)
+    transforms = tf.concat([affine, tf.zeros_like(affine[:, :2])], axis=1)
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")

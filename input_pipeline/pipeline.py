@@ -85,9 +85,11 @@ from input_pipeline import multiview as multiview_lib
 from input_pipeline.augment import (
     SALT_STREAM_STRIDE,
     AugmentConfig,
-    augment_images,
     keyed_uniform,
+    photometric,
+    source_warps,
     uniform,
+    warp_source,
 )
 from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.tokenizer import Tokenizer, ensure_tokenizer, tensorflow_on_host
@@ -134,12 +136,27 @@ def build_dataset(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBu
     return build(data_config)
 
 
+def decode_png(encoded_png: tf.Tensor) -> tf.Tensor:
+    """PNG bytes (8- or 16-bit grayscale) -> float32 [h, w, 1] in [0, 1]."""
+    image = tf.io.decode_png(encoded_png, channels=1, dtype=tf.uint16)
+    return tf.image.convert_image_dtype(image, tf.float32)  # [0, 1] for both bit depths.
+
+
+def png_size(encoded_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """PNG bytes [N] -> (height, width) int32 [N] from the IHDR chunk, without decoding.
+    Bytes missing from a short string read as 0 (`png_is_intact` rejects such strings)."""
+    header = tf.strings.substr(tf.strings.join([encoded_png, b"\0" * 24]), 16, 8)
+    header = tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int32)  # Big-endian.
+    width = tf.reduce_sum(header[:, :4] * [1 << 24, 1 << 16, 1 << 8, 1], axis=1)
+    height = tf.reduce_sum(header[:, 4:] * [1 << 24, 1 << 16, 1 << 8, 1], axis=1)
+    return height, width
+
+
 def decode_and_resize(encoded_png: tf.Tensor, size: int) -> tf.Tensor:
     """PNG bytes (8- or 16-bit grayscale) -> float32 [size, size, 1] in [0, 1], aspect
     ratio kept (zero padding)."""
-    image = tf.io.decode_png(encoded_png, channels=1, dtype=tf.uint16)
-    image = tf.image.convert_image_dtype(image, tf.float32)  # [0, 1] for both bit depths.
-    return tf.image.resize_with_pad(image, size, size, method="bilinear", antialias=True)
+    return tf.image.resize_with_pad(decode_png(encoded_png), size, size, method="bilinear",
+                                    antialias=True)
 
 
 def image_preprocess(encoded_png: tf.Tensor, data_config: ml_collections.ConfigDict
@@ -359,6 +376,9 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     if text_source not in TEXT_SOURCES:
         raise ValueError(f"data.text={text_source!r}; expected one of {TEXT_SOURCES}")
     augment = AugmentConfig.from_config(data_config.get("augment"))
+    # Training with a crop, rotation or flip resamples each decoded image once, straight
+    # from the source (augment.source_warps), instead of resizing it, then warping that.
+    warp = train and augment.geometric
     multiview = multiview_lib.MultiviewData.from_config(data_config, augment) if train else None
     decoupled = label_prompts.DecoupledData.from_config(data_config) if train else None
     max_bad_fraction = data_config.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
@@ -491,6 +511,12 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
             "labels_present": present,
             **second,
         }
+        if warp:  # Each image's geometric augmentation, batched (decode applies it).
+            for stream, name in enumerate(("image", "image2")):
+                if f"encoded_{name}" in out:
+                    out[f"warp_{name}"], out[f"block_{name}"] = source_warps(
+                        rows["position"], seed, augment, data_config.image_size,
+                        *png_size(out[f"encoded_{name}"]), stream=stream)
         if prompted is not None:
             # A chosen text-only row keeps its image where the loss could not use the
             # row without it: no report (its text is then the prompt) or a label row
@@ -509,11 +535,19 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     def decode(row):
         row = dict(row)
         for name in ("image", "image2"):
-            if f"encoded_{name}" in row:
-                encoded = row.pop(f"encoded_{name}")
-                row[name] = tf.cond(row["decode"],
-                                    lambda encoded=encoded: decode_and_resize(encoded, size),
-                                    lambda: tf.zeros([size, size, 1], tf.float32))
+            if f"encoded_{name}" not in row:
+                continue
+            encoded = row.pop(f"encoded_{name}")
+            if warp:
+                transform, block = row.pop(f"warp_{name}"), row.pop(f"block_{name}")
+
+                def load(encoded=encoded, transform=transform, block=block):
+                    return warp_source(decode_png(encoded), transform, block, size)
+            else:
+                def load(encoded=encoded):
+                    return decode_and_resize(encoded, size)
+            row[name] = tf.cond(row["decode"], load,
+                                lambda: tf.zeros([size, size, 1], tf.float32))
         return row
 
     def finish(batch):
@@ -524,8 +558,8 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
             if name not in batch:
                 continue
             images = batch[name]
-            if train and augment.enabled:
-                images = augment_images(images, positions, seed, augment, stream=stream)
+            if train:  # The geometric part is done (decode).
+                images = photometric(images, positions, seed, augment, stream=stream)
             images = (images - data_config.image_mean) / data_config.image_std
             out[name] = tf.where(mask[:, None, None, None], images, tf.zeros_like(images))
         out.update(mask=mask, num_skipped=batch["num_skipped"])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from input_pipeline.augment import AugmentConfig, augment_images, uniform
+from input_pipeline import augment
+from input_pipeline.augment import AugmentConfig, augment_images, augment_source, uniform
 
 ALL_ON = AugmentConfig(crop_scale=(0.5, 1.0), crop_aspect=(0.8, 1.25), rotation_degrees=10,
                        brightness=0.1, contrast=0.2, gamma=0.2)
@@ -102,3 +103,79 @@ def test_config_errors_name_the_field():
         AugmentConfig.from_config({"crop_scale": (0.0, 1.0)})
     with pytest.raises(ValueError, match="brightness"):
         AugmentConfig(brightness=1.5)
+
+
+GEOMETRIC = AugmentConfig(crop_scale=(0.5, 1.0), crop_aspect=(0.8, 1.25), rotation_degrees=10)
+
+
+def source(height, width, seed=0):
+    """A source with edges, texture and noise."""
+    rng = np.random.default_rng(seed)
+    walk = np.cumsum(np.cumsum(rng.normal(size=(height, width)), 0), 1)
+    walk = (walk - walk.min()) / (walk.max() - walk.min())
+    return tf.constant((0.7 * walk + 0.3 * (rng.random((height, width)) > 0.5))
+                       .astype(np.float32)[..., None])
+
+
+@pytest.mark.parametrize("k_y,k_x", [(1, 1), (2, 2), (2, 1), (1, 2), (3, 3), (3, 2), (4, 5)])
+def test_block_mean_is_exact(k_y, k_x):
+    image = source(23, 31)
+    rows, cols = 23 // k_y, 31 // k_x
+    expected = image.numpy()[:rows * k_y, :cols * k_x].reshape(rows, k_y, cols, k_x, 1)
+    got = augment._block_mean(image, tf.constant(k_y), tf.constant(k_x)).numpy()
+    np.testing.assert_allclose(got, expected.mean(axis=(1, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [GEOMETRIC, AugmentConfig(crop_scale=(0.5, 1.0)),
+                                    AugmentConfig(horizontal_flip=True)])
+def test_warping_a_source_of_the_output_size_is_augment_images(config):
+    # Without resizing, the fused warp is the geometric part of augment_images.
+    images = [source(24, 24, seed) for seed in range(6)]
+    expected = augment_images(tf.stack(images), tf.range(6), 4, config).numpy()
+    for i, image in enumerate(images):
+        got = augment_source(image, tf.constant(i), 4, config, 24).numpy()
+        np.testing.assert_allclose(got, expected[i], atol=1e-5)
+
+
+def test_whole_image_crop_of_a_source():
+    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0))
+    image = source(32, 32)
+    np.testing.assert_array_equal(augment_source(image, tf.constant(2), 0, whole, 32), image)
+    # Twice the size: the 2 x 2 block means, read at their centres.
+    image = source(64, 64)
+    blocks = image.numpy().reshape(32, 2, 32, 2, 1).mean(axis=(1, 3))
+    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, whole, 32), blocks,
+                               atol=1e-6)
+
+
+def test_a_non_square_source_keeps_its_aspect_ratio_with_zero_padding():
+    # 40 x 80 into 32 x 32: 16 rows of image between 8 rows of zeros above and below, as
+    # decode_and_resize places it.
+    ramp = np.tile(np.linspace(0.2, 1.0, 80, dtype=np.float32), (40, 1))[..., None]
+    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0))
+    got = augment_source(tf.constant(ramp), tf.constant(0), 0, whole, 32).numpy()
+    resized = tf.image.resize_with_pad(ramp, 32, 32, antialias=True).numpy()
+    assert not got[:8].any() and not got[24:].any() and (got[8:24] > 0.1).all()
+    np.testing.assert_allclose(got[8:24], resized[8:24], atol=0.02)
+
+
+def test_source_warp_is_about_as_sharp_as_the_evaluation_resize():
+    # A large source warped once should look like the resized evaluation images: the
+    # previous resize-then-warp training images had half their high frequencies.
+    def detail(x):
+        x = x[2:-2, 2:-2, 0]
+        return np.abs(4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2]
+                      - x[1:-1, 2:]).mean()
+
+    for height, width in ((128, 128), (150, 120)):
+        image = source(height, width)
+        resized = tf.image.resize_with_pad(image, 32, 32, antialias=True).numpy()
+        warped = [augment_source(image, tf.constant(p), 0, GEOMETRIC, 32).numpy()
+                  for p in range(8)]
+        ratio = np.mean([detail(w) for w in warped]) / detail(resized)
+        assert 0.75 < ratio < 1.35, (height, width, ratio)
+
+
+def test_source_warps_need_a_geometric_augmentation():
+    with pytest.raises(ValueError, match="geometric"):
+        augment_source(source(8, 8), tf.constant(0), 0, AugmentConfig(gamma=0.1), 8)

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from input_pipeline import pipeline, synthetic_builder, synthetic_cxr, tokenizer
+from input_pipeline.augment import AugmentConfig, augment_source, photometric
 from input_pipeline.findings import NUM_FINDINGS
 
 SIZES = dict(num_train=32, num_validation=8, num_test=8)
@@ -387,6 +388,39 @@ def test_png_check():
     assert not pipeline.png_is_intact(good[:20] + bytes([good[20] ^ 0xFF]) + good[21:])
 
 
+def test_png_size_reads_the_header_without_decoding():
+    def png(height, width, dtype):
+        return tf.io.encode_png(np.zeros((height, width, 1), dtype)).numpy()
+
+    encoded = [png(5, 7, np.uint8), png(300, 70000 // 256, np.uint16), png(1, 1, np.uint8)]
+    height, width = pipeline.png_size(tf.constant(encoded + [encoded[0][:12], b""]))
+    np.testing.assert_array_equal(height.numpy(), [5, 300, 1, 0, 0])
+    np.testing.assert_array_equal(width.numpy(), [7, 70000 // 256, 1, 0, 0])
+
+
+def test_training_images_are_warped_once_from_the_source(prepared, config):
+    # 64-pixel sources to 32-pixel images: each training image is the source warped by
+    # augment_source (2 x 2 block mean, one bilinear warp), then photometric jitter.
+    builder, tok = prepared
+    augment = dict(crop_scale=(0.6, 1.0), rotation_degrees=10.0, gamma=0.1, brightness=0.1)
+    cfg = data_config(config.data_dir, image_size=32, augment=augment)
+    dataset = pipeline.make_dataset(cfg, builder, tok, "train", global_batch_size=8,
+                                    train=True, seed=5, process_index=0, process_count=1,
+                                    start_step=3)
+    batch = next(dataset.as_numpy_iterator())
+    positions = np.arange(24, 32)
+    source = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+    config_ = AugmentConfig.from_config(augment)
+    expected = tf.stack([augment_source(pipeline.decode_png(source[int(r)]["image"]), p, 5,
+                                        config_, 32)
+                         for r, p in zip(pipeline.EpochOrder(len(source), 5).records_at(
+                             positions), positions, strict=True)])
+    expected = photometric(expected, tf.constant(positions), 5, config_).numpy()
+    np.testing.assert_allclose(batch["image"], (expected - 0.5) / 0.25, atol=1e-5)
+    resized = eval_batches(cfg, builder, tok, split="train", global_batch_size=8)[0]["image"]
+    assert np.abs(batch["image"] - resized).mean() > 0.1  # Augmented.
+
+
 def test_bad_examples_are_masked_and_counted(bad_records, config):
     builder, tok = bad_records
     cfg = data_config(config.data_dir, image_size=16, max_bad_fraction=0.5)
@@ -412,6 +446,19 @@ def test_bad_examples_are_masked_and_counted(bad_records, config):
     empty = np.isin(example_of_record, [9, 11])
     assert (evaluation["text"][empty | bad] == b"").all()
     assert (evaluation["text"][~(empty | bad)] != b"").all()
+
+
+def test_bad_examples_are_skipped_with_augmentation_too(bad_records, config):
+    # The warp of each image is computed from its PNG header before decoding: a header
+    # that is garbage or missing must not fail the batch.
+    builder, tok = bad_records
+    cfg = data_config(config.data_dir, image_size=16, max_bad_fraction=0.5,
+                      augment=dict(crop_scale=(0.5, 1.0), rotation_degrees=10.0))
+    train = pipeline.make_dataset(cfg, builder, tok, "train", global_batch_size=BAD_RECORDS,
+                                  train=True, seed=0, process_index=0, process_count=1)
+    batch = next(train.as_numpy_iterator())
+    assert batch["num_skipped"].sum() == len(BAD_ROWS)
+    assert np.isfinite(batch["image"]).all() and not batch["image"][~batch["mask"]].any()
 
 
 def test_too_many_bad_examples_stop_with_the_count(bad_records, config):

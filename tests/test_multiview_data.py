@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from input_pipeline import multiview, pipeline, tokenizer
-from input_pipeline.augment import AugmentConfig, augment_images
+from input_pipeline.augment import AugmentConfig, augment_source, photometric
 
 GLOBAL_BATCH = 8
 AUGMENT = dict(crop_scale=(0.5, 1.0), rotation_degrees=10.0, brightness=0.1, contrast=0.1,
@@ -75,10 +75,12 @@ def expected_image2(config, records, index, other, positions):
     """The pipeline's image2 rows: the other view (or the image itself), augmented with
     the second stream, normalised."""
     source = np.where(other >= 0, other, index)
-    images = tf.stack([pipeline.decode_and_resize(records["image"][r], config.image_size)
-                       for r in source])
-    images = augment_images(images, positions, 0, AugmentConfig.from_config(AUGMENT),
-                            stream=multiview.SECOND_STREAM)
+    augment = AugmentConfig.from_config(AUGMENT)
+    images = tf.stack([
+        augment_source(pipeline.decode_png(records["image"][r]), position, 0, augment,
+                       config.image_size, stream=multiview.SECOND_STREAM)
+        for r, position in zip(source, positions, strict=True)])
+    images = photometric(images, positions, 0, augment, stream=multiview.SECOND_STREAM)
     return ((images - config.image_mean) / config.image_std).numpy()
 
 
