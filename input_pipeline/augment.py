@@ -14,10 +14,17 @@ Configured by `data.augment` (absent, None or all defaults: no augmentation):
     gamma             exponent drawn from [1 - g, 1 + g]
     horizontal_flip   mirror half of the images (off: laterality is in the reports)
 
-Images come in resized to the model's size (aspect kept, zero padding) with intensities
-in [0, 1], and leave with the same shape and range. The crop is taken from that resized
-image and stretched back to full size (zoom in only, so no aliasing), rotated about its
-centre; pixels from outside the image are 0, like the padding.
+The geometry is defined on the image resized to the model's size (aspect kept, zero
+padding) with intensities in [0, 1]: the crop is taken from that image and stretched back
+to full size (zoom in only), rotated about its centre; pixels from outside the image are
+0, like the padding. Two ways to apply it, the same transform:
+
+- `augment_images`: batched, on images already resized (tests, tools);
+- `source_warps` + `warp_source` (the training pipeline): the resize and the warp as one
+  resampling of the decoded source, its warp computed batched from the PNG header
+  before decoding; then `photometric`, batched. Half the resampling work (see
+  `source_warps`), and one interpolation instead of two: training images about as
+  sharp as the resized evaluation images (the resize-then-warp ones were blurrier).
 """
 
 from __future__ import annotations
@@ -161,62 +168,77 @@ def augment_source(image: tf.Tensor, position: tf.Tensor, seed: int, config: Aug
     `source_warps` (batched, before decoding) and `warp_source` (per image) in one call.
     """
     shape = tf.shape(image)
-    transform, block = source_warps(tf.reshape(position, [1]), seed, config, size,
-                                    shape[None, 0], shape[None, 1], stream)
-    return warp_source(image, transform[0], block[0], size)
+    warps = source_warps(tf.reshape(position, [1]), seed, config, size, shape[None, 0],
+                         shape[None, 1], stream)
+    return warp_source(image, {k: v[0] for k, v in warps.items()}, size)
 
 
 def source_warps(positions: tf.Tensor, seed: int, config: AugmentConfig, size: int,
                  source_height: tf.Tensor, source_width: tf.Tensor, stream: int = 0
-                 ) -> tuple[tf.Tensor, tf.Tensor]:
+                 ) -> dict[str, tf.Tensor]:
     """The geometric augmentation of examples [N] whose decoded sources are
-    source_height x source_width, as `warp_source` arguments: (transform float32 [N, 8],
-    block int32 [N, 2]).
+    source_height x source_width: `warp_source`'s per-image arguments, batched [N, ...].
 
-    Two resamplings (an antialiased resize, then the crop/rotation warp) cost twice what
-    one does, and blur twice; training warps the source once. Where the warp reads the
-    source at more than 1.5 source pixels per output pixel, the source is first averaged
-    over blocks of k_y x k_x pixels (k rounded from that ratio, per axis), so that the
-    bilinear warp skips no pixel: a box prefilter where the resize has a triangle, and
-    about as sharp as the resized evaluation image (docs/benchmarks.md). At k = 1 the
-    warp reads the source pixels directly; a whole-image crop of a `size`-square source
-    is the identity. Computed batched: per image only the block mean and the warp run.
+    Resizing and then warping resamples twice: twice the work and twice the blur of one
+    resampling. Here each image is resampled once, from its source:
+
+    - crop and flip alone (no rotation): an antialiased resize of the crop box (the
+      triangle filter of the evaluation's `decode_and_resize`, scaled to the crop),
+      then the mirror;
+    - with rotation: where the warp reads more than 1.5 source pixels per output pixel,
+      the source is first averaged over blocks of k_y x k_x pixels (k rounded from that
+      ratio, per axis), then warped bilinearly: a box filter where the resize has a
+      triangle; with the warp's interpolation, about as sharp as the evaluation images
+      (tests/test_augment.py). At k = 1 the warp reads the source pixels directly.
     """
     if not config.geometric:
         raise ValueError("source_warps needs a geometric augmentation "
                          "(crop_scale, rotation_degrees or horizontal_flip)")
     u = uniform(seed, SALT_GEOMETRY + stream * SALT_STREAM_STRIDE, positions, 6)
+    geometry = _crop_geometry(u, config, float(size), float(size))
+    flip = geometry[5]
+    if not config.rotation_degrees:  # The flip is applied after resampling.
+        geometry = (*geometry[:5], tf.ones_like(flip), *geometry[6:])
     # Output pixel -> the padded frame of decode_and_resize (TensorFlow's convention:
     # pixel centres at integer coordinates).
-    a = tf.unstack(_frame_affine(*_crop_geometry(u, config, float(size), float(size))),
-                   axis=1)
+    a = tf.unstack(_frame_affine(*geometry), axis=1)
     # Frame -> source: tf.image.resize_with_pad's geometry, computed as it computes it
-    # (float32), then its resize's half-pixel-centre mapping.
+    # (float32), then its resize's half-pixel-centre mapping f -> (f - pad + 0.5) s - 0.5.
     height = tf.maximum(tf.cast(tf.reshape(source_height, [-1]), tf.float32), 1.0)
     width = tf.maximum(tf.cast(tf.reshape(source_width, [-1]), tf.float32), 1.0)
     ratio = tf.maximum(width / size, height / size)
     pad_h = tf.maximum(0.0, tf.floor((size - height / ratio) / 2))
     pad_w = tf.maximum(0.0, tf.floor((size - width / ratio) / 2))
     scale_y, scale_x = height / tf.floor(height / ratio), width / tf.floor(width / ratio)
+    if not config.rotation_degrees:
+        # ScaleAndTranslate reads output x (pixel edges at integers) at source
+        # (x - translation) / scale; here source = scale_x * (a0 x + a2 - a0 / 2 - pad + 1/2).
+        return {"scale": tf.stack([1 / (scale_y * a[4]), 1 / (scale_x * a[0])], axis=1),
+                "translation": tf.stack([(pad_h - 0.5 - a[5]) / a[4] + 0.5,
+                                         (pad_w - 0.5 - a[2]) / a[0] + 0.5], axis=1),
+                "mirror": flip < 0}
     # Source pixels per output pixel along each output axis -> block size per axis.
     k_x = tf.maximum(1.0, tf.round(scale_x * tf.sqrt(a[0] ** 2 + a[3] ** 2)))
     k_y = tf.maximum(1.0, tf.round(scale_y * tf.sqrt(a[1] ** 2 + a[4] ** 2)))
-    # Frame coordinate f -> block coordinate ((f - pad + 0.5) * scale - 0.5 - (k - 1) / 2) / k.
+    # Frame f -> block coordinate ((f - pad + 0.5) * scale - 0.5 - (k - 1) / 2) / k.
     gx, cx = scale_x / k_x, ((0.5 - pad_w) * scale_x - 0.5 - (k_x - 1) / 2) / k_x
     gy, cy = scale_y / k_y, ((0.5 - pad_h) * scale_y - 0.5 - (k_y - 1) / 2) / k_y
     zero = tf.zeros_like(gx)
     transform = tf.stack([gx * a[0], gx * a[1], gx * a[2] + cx,
                           gy * a[3], gy * a[4], gy * a[5] + cy, zero, zero], axis=1)
-    return transform, tf.cast(tf.stack([k_y, k_x], axis=1), tf.int32)
+    return {"transform": transform, "block": tf.cast(tf.stack([k_y, k_x], axis=1), tf.int32)}
 
 
-def warp_source(image: tf.Tensor, transform: tf.Tensor, block: tf.Tensor, size: int
-                ) -> tf.Tensor:
-    """[h, w, C] -> [size, size, C]: the block mean of `block` (k_y, k_x), then one
-    bilinear warp by `transform` (both from `source_warps`); zero outside the image."""
-    image = _block_mean(image, block[0], block[1])
+def warp_source(image: tf.Tensor, warp: dict[str, tf.Tensor], size: int) -> tf.Tensor:
+    """[h, w, C] -> [size, size, C] by one image's `source_warps`; zero outside the image."""
+    if "transform" not in warp:
+        out = tf.raw_ops.ScaleAndTranslate(
+            images=image[None], size=[size, size], scale=warp["scale"],
+            translation=warp["translation"], kernel_type="triangle", antialias=True)[0]
+        return tf.cond(warp["mirror"], lambda: out[:, ::-1], lambda: out)
+    image = _block_mean(image, warp["block"][0], warp["block"][1])
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform[None], output_shape=[size, size],
+        images=image[None], transforms=warp["transform"][None], output_shape=[size, size],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
 
 

@@ -20,7 +20,8 @@ Batches are host-local dicts of `b` rows:
 
   image           float32 [b, H, W, 1]  resized with aspect ratio kept (zero padding),
                                         scaled to [0, 1], augmented (train=True,
-                                        `data.augment`, augment.py), then
+                                        `data.augment`, augment.py; a crop or rotation
+                                        is one warp from the source), then
                                         (x - image_mean) / image_std
   tokens          int32 [b, max_text_len]  BOS + pieces + EOS, 0-padded (tokenizer.py)
   study_id        int32 [b]  non-negative hash of the study id: views of a study match
@@ -514,7 +515,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
         if warp:  # Each image's geometric augmentation, batched (decode applies it).
             for stream, name in enumerate(("image", "image2")):
                 if f"encoded_{name}" in out:
-                    out[f"warp_{name}"], out[f"block_{name}"] = source_warps(
+                    out[f"warp_{name}"] = source_warps(
                         rows["position"], seed, augment, data_config.image_size,
                         *png_size(out[f"encoded_{name}"]), stream=stream)
         if prompted is not None:
@@ -539,10 +540,10 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
                 continue
             encoded = row.pop(f"encoded_{name}")
             if warp:
-                transform, block = row.pop(f"warp_{name}"), row.pop(f"block_{name}")
+                params = row.pop(f"warp_{name}")
 
-                def load(encoded=encoded, transform=transform, block=block):
-                    return warp_source(decode_png(encoded), transform, block, size)
+                def load(encoded=encoded, params=params):
+                    return warp_source(decode_png(encoded), params, size)
             else:
                 def load(encoded=encoded):
                     return decode_and_resize(encoded, size)

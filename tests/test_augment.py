@@ -1,5 +1,7 @@
 """Stateless in-graph augmentation: a function of (seed, position), in range, optional."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -137,29 +139,44 @@ def test_warping_a_source_of_the_output_size_is_augment_images(config):
         np.testing.assert_allclose(got, expected[i], atol=1e-5)
 
 
-def test_whole_image_crop_of_a_source():
-    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0))
+WHOLE = AugmentConfig(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0))
+# Rotation takes the block-mean-and-warp path; 0.0001 degrees moves no pixel by 1e-4.
+WHOLE_ROTATED = dataclasses.replace(WHOLE, rotation_degrees=1e-4)
+
+
+@pytest.mark.parametrize("config", [WHOLE, WHOLE_ROTATED])
+def test_whole_image_crop_of_a_source_of_the_output_size_is_the_identity(config):
     image = source(32, 32)
-    np.testing.assert_array_equal(augment_source(image, tf.constant(2), 0, whole, 32), image)
-    # Twice the size: the 2 x 2 block means, read at their centres.
+    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, config, 32), image,
+                               atol=1e-4)
+
+
+def test_whole_image_crop_of_a_larger_source():
     image = source(64, 64)
-    blocks = image.numpy().reshape(32, 2, 32, 2, 1).mean(axis=(1, 3))
-    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, whole, 32), blocks,
+    # Without rotation: the antialiased resize of decode_and_resize, exactly.
+    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, WHOLE, 32),
+                               tf.image.resize_with_pad(image, 32, 32, antialias=True),
                                atol=1e-6)
+    # With rotation: the 2 x 2 block means, read at their centres.
+    blocks = image.numpy().reshape(32, 2, 32, 2, 1).mean(axis=(1, 3))
+    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, WHOLE_ROTATED, 32),
+                               blocks, atol=1e-4)
 
 
-def test_a_non_square_source_keeps_its_aspect_ratio_with_zero_padding():
+@pytest.mark.parametrize("config", [WHOLE, WHOLE_ROTATED])
+def test_a_non_square_source_keeps_its_aspect_ratio_with_zero_padding(config):
     # 40 x 80 into 32 x 32: 16 rows of image between 8 rows of zeros above and below, as
     # decode_and_resize places it.
     ramp = np.tile(np.linspace(0.2, 1.0, 80, dtype=np.float32), (40, 1))[..., None]
-    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0))
-    got = augment_source(tf.constant(ramp), tf.constant(0), 0, whole, 32).numpy()
+    got = augment_source(tf.constant(ramp), tf.constant(0), 0, config, 32).numpy()
     resized = tf.image.resize_with_pad(ramp, 32, 32, antialias=True).numpy()
     assert not got[:8].any() and not got[24:].any() and (got[8:24] > 0.1).all()
     np.testing.assert_allclose(got[8:24], resized[8:24], atol=0.02)
 
 
-def test_source_warp_is_about_as_sharp_as_the_evaluation_resize():
+@pytest.mark.parametrize("config", [GEOMETRIC, dataclasses.replace(GEOMETRIC,
+                                                                    rotation_degrees=0.0)])
+def test_source_warp_is_about_as_sharp_as_the_evaluation_resize(config):
     # A large source warped once should look like the resized evaluation images: the
     # previous resize-then-warp training images had half their high frequencies.
     def detail(x):
@@ -170,7 +187,7 @@ def test_source_warp_is_about_as_sharp_as_the_evaluation_resize():
     for height, width in ((128, 128), (150, 120)):
         image = source(height, width)
         resized = tf.image.resize_with_pad(image, 32, 32, antialias=True).numpy()
-        warped = [augment_source(image, tf.constant(p), 0, GEOMETRIC, 32).numpy()
+        warped = [augment_source(image, tf.constant(p), 0, config, 32).numpy()
                   for p in range(8)]
         ratio = np.mean([detail(w) for w in warped]) / detail(resized)
         assert 0.75 < ratio < 1.35, (height, width, ratio)
