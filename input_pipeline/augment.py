@@ -20,10 +20,10 @@ to full size (zoom in only), rotated about its centre; pixels from outside the i
 0, like the padding. Two ways to apply it, the same transform:
 
 - `augment_images`: batched, on images already resized (tests, tools);
-- `source_warps` + `warp_source` (the training pipeline): the resize and the warp as one
-  resampling of the decoded source, its warp computed batched from the PNG header
-  before decoding; then `photometric`, batched. Half the resampling work (see
-  `source_warps`), and one interpolation instead of two: training images about as
+- `source_warps` + `warp_source` (the training pipeline, with rotation): the resize and
+  the warp as one resampling of the decoded source, its warp computed batched from the
+  PNG header before decoding; then `photometric`, batched. Half the resampling work
+  (see `source_warps`), and one interpolation instead of two: training images about as
   sharp as the resized evaluation images (the resize-then-warp ones were blurrier).
 """
 
