@@ -1,7 +1,7 @@
 """Input pipeline throughput on one CPU core: bare image decode vs the full pipeline.
 
     python benchmarks/input_pipeline.py [--config experiments/tiny_synthetic.py[:arg]]
-        [--config.data.field=value ...] [--seconds 20] [--cpu N]
+        [--config.data.field=value ...] [--seconds 40] [--rounds 4] [--cpu N]
 
 Pins the process to one core (`os.sched_setaffinity`) and gives TensorFlow one thread
 (inter- and intra-op) and tf.data a private thread pool of one thread. Then measures
@@ -9,12 +9,13 @@ Pins the process to one core (`os.sched_setaffinity`) and gives TensorFlow one t
 1. bare: PNG decode + resize (`pipeline.decode_and_resize`) of the train split's images,
    held in memory, batched, in images/s;
 2. full: `make_dataset(train=True)`: order, ArrayRecord read, parse, PNG check, text
-   choice, normalisation and tokenisation, decode, resize, augmentation (the config's
+   choice, normalisation and tokenisation, decode, resize and augmentation (with
+   rotation one warp from the source, augment.source_warps; the config's
    `data.augment`, else a typical one: crop, rotation, brightness/contrast/gamma),
    normalisation, batching; in images/s;
 
 The two are measured alternately, `--rounds` times each (a shared virtual machine's
-speed drifts by 20% over a minute), and the rates reported are the medians; the last
+speed drifts by up to 30% within a minute), and the rates reported are the medians; the last
 line is `pipeline_vs_decode=<median over rounds of full / bare>`.
 """
 
