@@ -1,36 +1,12 @@
-"""CheXpert label names: the order of every `labels` vector in this project."""
+"""CheXpert label names: the order of every `labels` vector in this project.
 
-CHEXPERT_FINDINGS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
+Defined in `jaxmedclip.vocabulary`, which the core imports too; re-exported here for the
+data side.
+"""
+
+from jaxmedclip.vocabulary import (  # noqa: F401
+    CHEXPERT_FINDINGS,
+    FINDING_INDEX,
+    NUM_FINDINGS,
+    SYNTHETIC_FINDINGS,
 )
-
-NUM_FINDINGS = len(CHEXPERT_FINDINGS)
-
-# What the synthetic generator draws into its images (and asserts in its reports).
-# Its reports may also negate "Enlarged Cardiomediastinum" and "Fracture"; they never
-# mention the remaining CheXpert findings, whose labels are always blank (NaN).
-SYNTHETIC_FINDINGS: tuple[str, ...] = (
-    "No Finding",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Edema",
-    "Consolidation",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Support Devices",
-)
-
-FINDING_INDEX: dict[str, int] = {name: i for i, name in enumerate(CHEXPERT_FINDINGS)}

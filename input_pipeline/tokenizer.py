@@ -27,7 +27,8 @@ import sentencepiece as spm
 if TYPE_CHECKING:
     import tensorflow as tf
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+from jaxmedclip.vocabulary import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401
+
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 
-from input_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from jaxmedclip.vocabulary import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 SPM_UNIGRAM, SPM_BPE = 1, 2
 SPM_NORMAL = 1

@@ -49,12 +49,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmedclip.parallel import BATCH_AXES
+from jaxmedclip.vocabulary import BOS_ID, EOS_ID, PAD_ID
 
 IMPLEMENTATIONS = ("dense", "all_gather", "ring")
 WORD_START = "\u2581"  # SentencePiece's word-boundary mark "▁".
-# The tokenizer's special ids (input_pipeline.tokenizer: pad=0, bos=2, eos=3); they are
-# not words.
-SPECIAL_IDS = (0, 2, 3)
+# The tokenizer's special ids are not words.
+SPECIAL_IDS = (PAD_ID, BOS_ID, EOS_ID)
 _MASKED = -1e9
 
 

@@ -10,6 +10,7 @@ from jaxmedclip.models.text import LAYOUTS, VARIANTS, TextTransformer
 from jaxmedclip.models.text import POOLS as TEXT_POOLS
 from jaxmedclip.models.two_tower import TwoTower, l2_normalize
 from jaxmedclip.models.vit import POOLS, ViT
+from jaxmedclip.vocabulary import EOS_ID, PAD_ID
 
 IMAGE_TOWERS = {"vit": ViT}
 TEXT_TOWERS = {"transformer": TextTransformer}
@@ -17,7 +18,6 @@ MODELS = {"two_tower": TwoTower}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Fixed special token ids of our SentencePiece models (input_pipeline.tokenizer).
-PAD_ID, EOS_ID = 0, 3
 
 __all__ = ["build_model", "TwoTower", "ViT", "TextTransformer", "l2_normalize"]
 
