@@ -15,11 +15,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
 
-from jaxmedclip import checkpointing, config_lib, evaluation, parallel, train
+from jaxmedclip import checkpointing, config_lib, evaluation, models, parallel, train, trainer
 from jaxmedclip.evaluation import report as report_lib
 
 log = logging.getLogger("jaxmedclip.evaluate")
@@ -44,22 +47,75 @@ def parse_flags(argv: Sequence[str]):
     return own, args, overrides
 
 
-def restore_params(setup: train.Setup, workdir: str, step: int | None) -> tuple[Any, int]:
-    """The parameters of checkpoint `step` (default: the latest) of `workdir`, sharded."""
+class ModelSetup(NamedTuple):
+    """What restoring and applying a trained model needs: no optimizer, no train step."""
+
+    mesh: Any
+    rules: Any
+    model: Any
+    abstract_params: Any
+    param_shardings: Any
+
+
+def model_setup(config: ml_collections.ConfigDict) -> ModelSetup:
+    """The configured model on the configured mesh, with its parameters' shapes and
+    shardings (from `jax.eval_shape` of the init; nothing is materialised)."""
+    import flax.linen as nn
+
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.logical_rules(config)
+    model = models.build_model(config.model, config.data)
+    images, tokens = trainer.dummy_inputs(config.data)
+
+    def init(rng):
+        return model.init(
+            rng, jnp.zeros(images.shape, images.dtype), jnp.zeros(tokens.shape, tokens.dtype)
+        )["params"]
+
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return ModelSetup(mesh, rules, model, nn.unbox(boxed), shardings)
+
+
+def restore_params(
+    setup: ModelSetup | train.Setup, workdir: str, step: int | None
+) -> tuple[Any, int]:
+    """The parameters of checkpoint `step` (default: the latest) of `workdir`, sharded.
+
+    Only the `params` subtree of the saved train state is read (the optimizer state is
+    not), so a `ModelSetup` is enough; a `train.Setup` works as well.
+    """
+    if isinstance(setup, ModelSetup):
+        abstract, shardings = setup.abstract_params, setup.param_shardings
+    else:
+        abstract, shardings = setup.abstract_state.params, setup.shardings.params
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} does not exist; train into --workdir {workdir} first")
     manager = checkpointing.make_manager(workdir)
-    available = list(manager.all_steps())
-    if not available:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    if step is not None and step not in available:
-        raise FileNotFoundError(
-            f"no checkpoint of step {step} in {directory}; available: {sorted(available)}"
+    try:
+        available = list(manager.all_steps())
+        if not available:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        if step is not None and step not in available:
+            raise FileNotFoundError(
+                f"no checkpoint of step {step} in {directory}; available: {sorted(available)}"
+            )
+        step = manager.latest_step() if step is None else step
+        target = {
+            "params": jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+            )
+        }
+        restore = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,  # The optimizer state is left on disk.
         )
-    state, step = checkpointing.restore(manager, setup.abstract_state, setup.shardings, step)
-    manager.close()
-    return state.params, step
+        restored = manager.restore(step, args=ocp.args.Composite(state=restore))
+    finally:
+        manager.close()
+    return restored.state["params"], step
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -72,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parallel.initialize_distributed(
             args.coordinator_address, args.num_processes, args.process_id, args.multihost
         )
-        setup = train.build(config)
+        setup = model_setup(config)
         params, step = restore_params(setup, args.workdir, own.checkpoint)
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -2,28 +2,39 @@
 
   python -m jaxmedclip.export --config experiments/x.py --workdir /tmp/run --out /tmp/hf \
       [--checkpoint STEP] [--format auto|clip|siglip|dual_encoder] [--tokenizer spm.model] \
-      [--allow_inexact_tokenizer] [--config.field=value ...]
+      [--overwrite] [--allow_inexact_tokenizer] [--parity_atol 1e-4] [--config.field=value ...]
 
 The folder loads with `AutoModel`, `AutoTokenizer` and `AutoImageProcessor` and no custom
 code. A config that the chosen `transformers` class cannot express is refused with the
 option that blocks it and the formats that would accept it (see docs/pytorch.md).
+
+The tokenizer is the one training recorded in `<workdir>/tokenizer.model` (or
+`--tokenizer`). The folder is written beside `--out` under a temporary name, loaded back
+and compared with the JAX model (embeddings, logits, token ids), and only then renamed
+into place; an existing `--out` is replaced only with `--overwrite`, and only then. No
+tensorflow is imported: in one process, tensorflow followed by the triton that the CUDA
+build of torch loads crashes (issue #21).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
+import shutil
 import sys
+import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
 
-from jaxmedclip.convert import layouts, towers
+from jaxmedclip.convert import layouts, parity, towers
 from jaxmedclip.convert.tokenizer import check_exact, save_tokenizer
+from jaxmedclip.vocabulary import BOS_ID, EOS_ID, PAD_ID
 
 FORMATS = ("clip", "siglip", "dual_encoder")
 HF_CLASSES = {
@@ -165,10 +176,10 @@ def _text_dims(config: ml_collections.ConfigDict) -> dict[str, Any]:
         _tower_dims(config.model.text),
         vocab_size=config.data.vocab_size,
         max_position_embeddings=config.data.max_text_len,
-        pad_token_id=0,
-        bos_token_id=2,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
         # CLIP pools at the first `eos_token_id` (our EOS is 3, so not its legacy argmax path).
-        eos_token_id=3,
+        eos_token_id=EOS_ID,
     )
 
 
@@ -249,6 +260,102 @@ def image_processor_config(config: ml_collections.ConfigDict, fmt: str) -> dict[
     }
 
 
+class ExportError(RuntimeError):
+    """The export did not produce a folder (nothing was written at `--out`)."""
+
+
+class Exported(NamedTuple):
+    format: str
+    parity: parity.ParityReport
+
+
+def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """The SentencePiece model the run in `workdir` was trained with.
+
+    Training copies it to `<workdir>/tokenizer.model`; a workdir written before that has
+    none, and the error names `--tokenizer` and the models found where the data config's
+    tokenizer usually lives (without building the dataset, which needs tensorflow).
+    """
+    from jaxmedclip import train
+
+    path = os.path.join(workdir, train.WORKDIR_TOKENIZER)
+    if os.path.isfile(path):
+        return path
+    data = config.data
+    name = f"spm_{data.tokenizer_type}_{data.vocab_size}.model"
+    data_dir = (
+        data.get("data_dir")
+        or os.environ.get("JAXMEDCLIP_DATA_DIR")
+        or os.path.expanduser("~/.cache/jaxmedclip/tfds")
+    )
+    pattern = os.path.join(data_dir, data.name, "**", "tokenizer", name)
+    found = sorted(glob.glob(pattern, recursive=True)) if "://" not in data_dir else []
+    where = (
+        "found: " + ", ".join(found)
+        if found
+        else f"none found under {os.path.join(data_dir, data.name)}"
+    )
+    raise FileNotFoundError(
+        f"{path} does not exist (runs from before tokenizers were recorded in the workdir "
+        "have none). Pass --tokenizer PATH with the SentencePiece .model the run was trained "
+        f"with; training reads it from <data dir>/{data.name}/<config>/<version>/tokenizer/"
+        f"{name} ({where})"
+    )
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuses an `--out` that is a file, or a non-empty folder without `overwrite`."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(
+            f"--out {out} exists and is not empty; pass --overwrite to replace it (it is "
+            "replaced only once the new export is complete and has passed its checks)"
+        )
+
+
+def _sibling(out: str, what: str) -> str:
+    """A hidden name beside `out` that no loader is pointed at."""
+    parent, name = os.path.split(os.path.abspath(out))
+    return os.path.join(parent, f".{name}.{what}-{uuid.uuid4().hex[:12]}")
+
+
+def write_folder(
+    folder: str,
+    config: ml_collections.ConfigDict,
+    fmt: str,
+    tensors: Mapping[str, np.ndarray],
+    tokenizer_model: str,
+    allow_inexact_tokenizer: bool = False,
+) -> None:
+    """Writes the Hugging Face files into the existing `folder`; config.json last, so
+    that a folder left by a killed export does not load."""
+    from safetensors.numpy import save_file
+
+    scale = math.exp(float(tensors["logit_scale"].reshape(())))
+    save_file(dict(tensors), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(tokenizer_model, config.data.max_text_len, folder, allow_inexact_tokenizer)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(image_processor_config(config, fmt), f, indent=2)
+    hf_config(config, fmt, scale).save_pretrained(folder)
+
+
+def _publish(partial: str, out: str) -> None:
+    """Renames the finished `partial` folder to `out`; an existing `out` is moved aside
+    first and deleted only once the new folder is in place (put back if that fails)."""
+    if not os.path.lexists(out):
+        os.rename(partial, out)
+        return
+    aside = _sibling(out, "replaced")
+    os.rename(out, aside)
+    try:
+        os.rename(partial, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside)
+
+
 def export(
     config: ml_collections.ConfigDict,
     params: Mapping,
@@ -256,36 +363,50 @@ def export(
     out: str,
     fmt: str = "auto",
     allow_inexact_tokenizer: bool = False,
-) -> str:
-    """Writes the Hugging Face folder `out`; returns the format used.
+    *,
+    overwrite: bool = False,
+    parity_atol: float = parity.DEFAULT_ATOL,
+) -> Exported:
+    """Writes the Hugging Face folder `out` after checking it against the JAX model.
 
+    The files go to a hidden folder beside `out`, which is loaded back with the Auto
+    classes and compared with our model on a few images and texts (`convert.parity`);
+    only if every tensor loads and the embeddings, logits and token ids agree is it
+    renamed to `out`. On any failure the hidden folder is removed and `out` is as before.
     A tokenizer that `tokenizer.json` cannot reproduce exactly (a unigram model) is
     refused before anything is written, unless `allow_inexact_tokenizer`.
     """
-    import transformers as tf_hf
-    from safetensors.numpy import save_file
+    from input_pipeline.tokenizer import Tokenizer  # SentencePiece only, no tensorflow.
 
     fmt = choose_format(config, fmt)
     check_exact(tokenizer_model, allow_inexact_tokenizer)
+    check_out(out, overwrite)
     tensors = hf_state_dict(params, config, fmt)
-    scale = math.exp(float(tensors["logit_scale"].reshape(())))
-    os.makedirs(out, exist_ok=True)
-    hf_config(config, fmt, scale).save_pretrained(out)
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    # The tables name tensors as checkpoints hold them; loading checks every name.
-    _, info = getattr(tf_hf, HF_CLASSES[fmt]).from_pretrained(out, output_loading_info=True)
-    wrong = {k: v for k, v in info.items() if k != "error_msgs" and v} | (
-        {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {}
+    our_tokens = Tokenizer(tokenizer_model, config.data.max_text_len).encode_batch(
+        parity.SAMPLE_TEXTS
     )
-    if wrong:
-        raise RuntimeError(
-            f"{HF_CLASSES[fmt]} of transformers {tf_hf.__version__} does not load the exported "
-            f"tensors exactly: {wrong}"
-        )
-    save_tokenizer(tokenizer_model, config.data.max_text_len, out, allow_inexact_tokenizer)
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump(image_processor_config(config, fmt), f, indent=2)
-    return fmt
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    partial = _sibling(out, "partial")
+    os.mkdir(partial)
+    try:
+        write_folder(partial, config, fmt, tensors, tokenizer_model, allow_inexact_tokenizer)
+        try:
+            report = parity.check_folder(
+                partial, HF_CLASSES[fmt], config, params, our_tokens, atol=parity_atol
+            )
+        except RuntimeError as e:
+            raise ExportError(f"nothing was written to {out}: {e}") from e
+        problems = report.problems()
+        if problems:
+            raise ExportError(
+                "the exported model does not compute what the JAX model computes, so nothing "
+                f"was written to {out}: " + "; ".join(problems) + f" ({report.summary()})"
+            )
+        _publish(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # Gone already when published.
+    return Exported(fmt, report)
 
 
 def parse_flags(argv: Sequence[str]):
@@ -300,12 +421,24 @@ def parse_flags(argv: Sequence[str]):
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="SentencePiece .model (default: the data config's, built from the dataset)",
+        help="SentencePiece .model (default: <workdir>/tokenizer.model, recorded by training)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (only after the new export has passed its checks)",
     )
     parser.add_argument(
         "--allow_inexact_tokenizer",
         action="store_true",
         help="export a unigram tokenizer although tokenizers breaks its score ties differently",
+    )
+    parser.add_argument(
+        "--parity_atol",
+        type=float,
+        default=parity.DEFAULT_ATOL,
+        help="largest accepted difference of the embeddings (logits: times the scale) "
+        "between transformers and JAX in the self-check",
     )
     own, rest = parser.parse_known_args(argv)
     from jaxmedclip import train
@@ -315,22 +448,40 @@ def parse_flags(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+    """Runs the export; returns the format written. Refusals come before any work."""
     own, args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
-    from jaxmedclip import config_lib, evaluate, train
+    from jaxmedclip import config_lib, evaluate
 
     config = config_lib.config_from_flags(args.config, overrides)
-    choose_format(config, own.format)  # Refuse before anything is restored.
-    setup = train.build(config)
-    params, step = evaluate.restore_params(setup, args.workdir, own.checkpoint)
-    tokenizer_model = own.tokenizer
-    if tokenizer_model is None:
-        from input_pipeline import pipeline
-
-        tokenizer_model = pipeline.prepare(config.data)[1].model_path
-    fmt = export(config, params, tokenizer_model, own.out, own.format, own.allow_inexact_tokenizer)
-    print(f"exported step {step} of {args.workdir} as {fmt} ({HF_CLASSES[fmt]}) to {own.out}")
-    return fmt
+    fmt = choose_format(config, own.format)
+    check_out(own.out, own.overwrite)
+    tokenizer_model = own.tokenizer or find_tokenizer(args.workdir, config)
+    if not os.path.isfile(tokenizer_model):
+        raise FileNotFoundError(f"--tokenizer {tokenizer_model} does not exist")
+    check_exact(tokenizer_model, own.allow_inexact_tokenizer)
+    params, step = evaluate.restore_params(
+        evaluate.model_setup(config), args.workdir, own.checkpoint
+    )
+    result = export(
+        config,
+        params,
+        tokenizer_model,
+        own.out,
+        fmt,
+        own.allow_inexact_tokenizer,
+        overwrite=own.overwrite,
+        parity_atol=own.parity_atol,
+    )
+    print(f"self-check: {result.parity.summary()}")
+    print(
+        f"exported step {step} of {args.workdir} as {result.format} "
+        f"({HF_CLASSES[result.format]}) to {own.out} (tokenizer {tokenizer_model})"
+    )
+    return result.format
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, ExportError) as e:
+        raise SystemExit(f"error: {e}") from None

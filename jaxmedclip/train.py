@@ -42,6 +42,8 @@ from jaxmedclip import (
 from jaxmedclip.evaluation import report as report_lib
 
 log = logging.getLogger("jaxmedclip.train")
+# The run's SentencePiece model, copied into the workdir (what export reads).
+WORKDIR_TOKENIZER = "tokenizer.model"
 
 
 def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -369,6 +371,34 @@ def init_from_pretrained(
     return state.replace(params=params)
 
 
+def record_tokenizer(workdir: str, model_path: str) -> str:
+    """Copies the run's SentencePiece model to `<workdir>/tokenizer.model` (process 0), so
+    that export finds the tokenizer of the checkpoints without the dataset (and without
+    tensorflow). A workdir whose copy has another vocabulary is refused: its checkpoints
+    were trained with other token ids."""
+    from etils import epath
+
+    from jaxmedclip.convert.tokenizer import vocabulary_signature
+
+    path = os.path.join(workdir, WORKDIR_TOKENIZER)
+    model = epath.Path(model_path).read_bytes()
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if vocabulary_signature(f.read()) == vocabulary_signature(model):
+                return path
+        raise ValueError(
+            f"{path}, the tokenizer this workdir's checkpoints were trained with, differs from "
+            f"the data config's tokenizer {model_path}; train into a new --workdir, or delete "
+            f"{path} to continue these checkpoints with the new token ids"
+        )
+    if jax.process_index() == 0:
+        partial = f"{path}.partial-{os.getpid()}"
+        with open(partial, "wb") as f:
+            f.write(model)
+        os.replace(partial, path)  # Readers never see half a file.
+    return path
+
+
 def resume(
     config: ml_collections.ConfigDict,
     manager: Any,
@@ -430,6 +460,7 @@ def train(
             f"the tokenizer has {tokenizer.vocab_size} pieces but data.vocab_size="
             f"{config.data.vocab_size}; raise data.vocab_size"
         )
+    record_tokenizer(workdir, tokenizer.model_path)
     if setup is None:
         word_starts = None
         if local_loss_enabled(config):

@@ -1,4 +1,14 @@
+import importlib.util
 import os
 
 # Eight fake CPU devices for the sharded tests; must be set before jax is imported.
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+# One pytest process imports tensorflow (the input pipeline tests) and, later, transformers'
+# torch models, which import triton where the CUDA build of torch is installed. Loading
+# triton's library after tensorflow's crashes the process (`python -c "import tensorflow;
+# import triton"` exits with a segmentation fault, issue #21); the other order works. So
+# triton comes first here. The entry points never need both: export imports no tensorflow
+# (tests/test_export_cli.py checks it in a fresh process).
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401

@@ -21,12 +21,25 @@ log = logging.getLogger(__name__)
 
 
 def _model_proto(model_path: str):
+    with open(model_path, "rb") as f:
+        return _parse(f.read())
+
+
+def _parse(serialized: bytes):
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
-    with open(model_path, "rb") as f:
-        proto.ParseFromString(f.read())
+    proto.ParseFromString(serialized)
     return proto
+
+
+def vocabulary_signature(serialized: bytes) -> tuple:
+    """What decides a SentencePiece model's ids: its type and its (piece, score, kind)
+    table. Two trainings on the same texts give the same signature, though not the same
+    bytes (the file records, e.g., the temporary path it was trained under)."""
+    proto = _parse(serialized)
+    pieces = tuple((p.piece, p.score, p.type) for p in proto.pieces)
+    return proto.trainer_spec.model_type, pieces
 
 
 def _bpe_merges(pieces: list[str], scores: list[float], normal: list[bool]) -> list[tuple]:
