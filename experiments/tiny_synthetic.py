@@ -188,7 +188,9 @@ def get_config(arg=None):
     # On 8 fake CPU devices the ring's 8 sequential hops cost more than they save (0.55 s vs
     # 0.30 s a step measured here); pod-scale configs use `ring`.
     config.loss = ml_collections.ConfigDict(
-        dict(name="softmax", impl=arg.loss_impl, targets=arg.targets, multi_positive_key="text_id")
+        dict(name="softmax", impl=arg.loss_impl, targets=arg.targets, multi_positive_key="text_id",
+             # In-device tiles of the ring loss (0: untiled); see docs/methods.md.
+             tile_size=0, matmul_inputs="float32")
     )
 
     config.optim = ml_collections.ConfigDict(

@@ -11,7 +11,7 @@ from jaxmedclip import config_lib, evaluation
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, runlocal=False, loss_impl="ring")
+    arg = config_lib.parse_arg(arg, runlocal=False, loss_impl="ring", loss_tile=1024)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = 40_000
@@ -92,7 +92,13 @@ def get_config(arg=None):
         dict(name="transformer", variant="causal", width=512, depth=12, num_heads=8, mlp_ratio=4.0)
     )
 
-    config.loss = ml_collections.ConfigDict(dict(name="softmax", impl=arg.loss_impl))
+    # Tiles of 1,024: at 8 or more devices (per-device batch <= 512) one tile is the whole
+    # ring block, exactly the untiled step; on fewer devices or at a larger global batch the
+    # loss stays O(per-device batch x dim) in memory, and a 1,024 x 512 x 1,024 tile matmul
+    # is still large enough to keep an accelerator's matrix units busy (docs/benchmarks.md).
+    config.loss = ml_collections.ConfigDict(dict(
+        name="softmax", impl=arg.loss_impl,
+        tile_size=arg.loss_tile if arg.loss_impl == "ring" else 0, matmul_inputs="float32"))
 
     config.optim = ml_collections.ConfigDict(
         dict(

@@ -1,4 +1,4 @@
-"""One process of the two-process ring-loss test (see test_losses.py).
+"""One process of the two-process ring-loss test, untiled and tiled (see test_losses.py).
 
   python tests/multiprocess_loss_worker.py PROCESS_ID PORT OUT_FILE
 
@@ -24,6 +24,13 @@ CONFIGS = {
                     i2t_weight=0.3, t2i_weight=0.7),
     "sigmoid": dict(name="sigmoid", impl="ring", targets="soft_labels",
                     soft_target_temperature=0.3, label_smoothing=0.05),
+    # In-device tiles: 6 rows per device, tiles of 4 (padded to 8) and of 6 (one tile).
+    "softmax_tiled": dict(name="softmax", impl="ring", targets="soft_labels",
+                          soft_target_temperature=0.3, label_smoothing=0.1, i2t_weight=0.3,
+                          t2i_weight=0.7, tile_size=4),
+    "sigmoid_tiled": dict(name="sigmoid", impl="ring", targets="multi_positive",
+                          multi_positive_key=("study_id", "text_id"), label_smoothing=0.05,
+                          tile_size=6),
 }
 
 

@@ -45,17 +45,29 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxmedclip.losses.collectives import (
+    all_gather,
+    axes_size,
+    batch_axes_of,
+    check_divisible,
+    global_ids,
+    place,
+    psum,
+    ring_pass,
+)
+from jaxmedclip.losses.spec import IMPLEMENTATIONS, LossSpec
+from jaxmedclip.losses.targets import softmax_row_losses
 from jaxmedclip.parallel import BATCH_AXES
 from jaxmedclip.vocabulary import BOS_ID, EOS_ID, PAD_ID
 
-IMPLEMENTATIONS = ("dense", "all_gather", "ring")
 WORD_START = "\u2581"  # SentencePiece's word-boundary mark "▁".
 # The tokenizer's special ids are not words.
 SPECIAL_IDS = (PAD_ID, BOS_ID, EOS_ID)
 _MASKED = -1e9
+ONE_HOT = LossSpec(targets="one_hot")  # The local loss's targets: no smoothing.
 
 
 # ------------------------------------------------------------------------ words from pieces
@@ -132,9 +144,9 @@ def local_similarity(
 
 def _direction_sum(logits, row_ids, row_valid, col_valid):
     """Sum of -log p(own partner) over the valid rows of a [rows, B] logit block."""
-    log_probs = jax.nn.log_softmax(jnp.where(col_valid[None, :], logits, _MASKED), axis=1)
-    own = jnp.take_along_axis(log_probs, row_ids[:, None], axis=1)[:, 0]
-    return -jnp.sum(jnp.where(row_valid, own, 0.0))
+    own = row_ids[:, None] == jnp.arange(logits.shape[1], dtype=row_ids.dtype)[None, :]
+    return jnp.sum(softmax_row_losses(logits, own.astype(jnp.float32), row_valid, col_valid,
+                                      1.0, ONE_HOT))
 
 
 def _finish(i2t, t2i, count, i2t_weight, t2i_weight):
@@ -147,27 +159,19 @@ def _finish(i2t, t2i, count, i2t_weight, t2i_weight):
 # ----------------------------------------------------------------------------- sharded forms
 
 
-def _axes_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
-    size = 1
-    for axis in axes:
-        size *= mesh.shape[axis]
-    return size
-
-
 def _sums_from_rows(rows_s, t3, mask, all_mask, axes):
     """i2t over the local rows, t2i over the local columns of the gathered [B, B] s."""
-    local = rows_s.shape[0]
-    ids = jax.lax.axis_index(axes) * local + jnp.arange(local, dtype=jnp.int32)
+    ids = global_ids(rows_s.shape[0], axes)
     i2t = _direction_sum(t3 * rows_s, ids, mask, all_mask)
-    full = jax.lax.all_gather(rows_s, axes, axis=0, tiled=True)  # [B, B], small
+    full = all_gather(rows_s, axes)  # [B, B], small
     columns = jnp.take(full, ids, axis=1).T  # [local texts, B images]
     t2i = _direction_sum(t3 * columns, ids, mask, all_mask)
     count = jnp.sum(mask, dtype=jnp.float32)
-    return jax.lax.psum(jnp.stack([i2t, t2i, count]), axes)
+    return psum(jnp.stack([i2t, t2i, count]), axes)
 
 
 def _all_gather_body(regions, words, word_mask, mask, t1, t2, t3, *, axes):
-    gather = lambda a: jax.lax.all_gather(a, axes, axis=0, tiled=True)
+    gather = lambda a: all_gather(a, axes)
     rows_s = local_similarity(regions, gather(words.astype(jnp.float32)), gather(word_mask),
                               t1, t2)
     return _sums_from_rows(rows_s, t3, mask, gather(mask), axes)
@@ -175,33 +179,17 @@ def _all_gather_body(regions, words, word_mask, mask, t1, t2, t3, *, axes):
 
 def _ring_body(regions, words, word_mask, mask, t1, t2, t3, *, axes, size):
     local = regions.shape[0]
-    me = jax.lax.axis_index(axes)
-    perm = [(i, (i + 1) % size) for i in range(size)]
     score = jax.checkpoint(local_similarity)
 
-    def visit(step, block, rows_s):
-        block_words, block_mask = block
-        source = (me - step) % size  # The block that arrives at step k left k devices back.
+    def visit(block, travel, rows_s):
+        block_words, block_mask, block_ids = block
         s = score(regions, block_words, block_mask, t1, t2)
-        return jax.lax.dynamic_update_slice(rows_s, s, (0, source * local))
+        return travel, jax.lax.dynamic_update_slice(rows_s, s, (0, block_ids[0]))
 
-    def body(step, carry):
-        block, rows_s = carry
-        rows_s = visit(step, block, rows_s)
-        return jax.tree.map(lambda a: jax.lax.ppermute(a, axes, perm), block), rows_s
-
-    block = (words.astype(jnp.float32), word_mask)
+    block = (words.astype(jnp.float32), word_mask, global_ids(local, axes))
     rows_s = jnp.zeros((local, local * size), jnp.float32)
-    block, rows_s = jax.lax.fori_loop(0, size - 1, body, (block, rows_s))
-    rows_s = visit(size - 1, block, rows_s)
-    all_mask = jax.lax.all_gather(mask, axes, axis=0, tiled=True)
-    return _sums_from_rows(rows_s, t3, mask, all_mask, axes)
-
-
-def _place(x, mesh, spec):
-    if AxisType.Explicit in mesh.axis_types:
-        return jax.reshard(x, NamedSharding(mesh, spec))
-    return x
+    _, rows_s = ring_pass(visit, block, (), rows_s, axes=axes, size=size)
+    return _sums_from_rows(rows_s, t3, mask, all_gather(mask, axes), axes)
 
 
 def local_alignment_loss(
@@ -249,17 +237,12 @@ def local_alignment_loss(
         t2i = _direction_sum(temps[2] * s.T, ids, mask, mask)
         return _finish(i2t, t2i, count, i2t_weight, t2i_weight)
 
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-    if not axes or any(a not in mesh.axis_names for a in axes) or len(set(axes)) != len(axes):
-        raise ValueError(f"batch_axes={axes} must be distinct axes of the mesh, whose axes "
-                         f"are {mesh.axis_names}")
-    size = _axes_size(mesh, axes)
-    if batch % size:
-        raise ValueError(f"global batch {batch} is not divisible by the {size} devices of the "
-                         f"batch axes {axes}; pad it and mark the padding with `mask`")
+    axes = batch_axes_of(mesh, batch_axes)
+    size = axes_size(mesh, axes)
+    check_divisible(batch, size, axes, "`mask`")
     rows, rep = P(axes), P()
-    args = [_place(a, mesh, rows) for a in (image_tokens, word_features, word_mask, mask)]
-    temps = [_place(t, mesh, rep) for t in temps]
+    args = [place(a, mesh, rows) for a in (image_tokens, word_features, word_mask, mask)]
+    temps = [place(t, mesh, rep) for t in temps]
     if impl == "all_gather":
         body = lambda *a: _all_gather_body(*a, axes=axes)
     else:
