@@ -59,13 +59,14 @@ class Setup:
         self.batch = parallel.host_to_global(_batch(config), self.mesh)
         self._reference = {}
 
-    def loss_config(self, impl):
-        return ml_collections.ConfigDict(dict(self.config.loss, impl=impl))
+    def loss_config(self, impl, **fields):
+        return ml_collections.ConfigDict(dict(self.config.loss, impl=impl, **fields))
 
-    def grads(self, impl, microbatch_size):
+    def grads(self, impl, microbatch_size, **loss_fields):
         """(loss, metrics, grads) on the host; microbatch_size None: the full batch."""
         fn = trainer.make_loss_and_grads(
-            self.model, self.loss_config(impl), self.mesh, microbatch_size=microbatch_size
+            self.model, self.loss_config(impl, **loss_fields), self.mesh,
+            microbatch_size=microbatch_size
         )
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             (loss, metrics), grads = jax.jit(fn)(self.state.params, self.batch)
@@ -139,6 +140,18 @@ def _collectives(compiled) -> set[str]:
 
 
 @pytest.mark.slow
+def test_tiled_ring_under_gradcache_equals_full_batch(setup):
+    """GradCache over the tiled ring (tiles of 3 rows: 4 per device, padded) gives the
+    full-batch gradients of the untiled loss."""
+    loss, metrics, grads = setup.reference("all_gather")
+    micro_loss, micro_metrics, micro_grads = setup.grads("ring", GLOBAL_BATCH // 2,
+                                                         tile_size=3)
+    np.testing.assert_allclose(micro_loss, loss, rtol=1e-5)
+    for key in ("loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"):
+        np.testing.assert_allclose(micro_metrics[key], metrics[key], rtol=1e-5, err_msg=key)
+    _assert_trees_close(micro_grads, grads)
+
+
 def test_train_step_applies_the_full_batch_gradients(setup):
     """With SGD at learning rate 1 the updated params are params - grads: the step's
     gradients, read back exactly, equal the full-batch ones (ring loss, 4 micro-batches)."""

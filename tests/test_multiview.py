@@ -36,9 +36,9 @@ def make_inputs(batch=16, dim=8, seed=0):
     return views[:2], views[2:], {"mask": mask}
 
 
-def loss_config(impl="dense", **multiview_fields):
+def loss_config(impl="dense", tile_size=0, **multiview_fields):
     return ml_collections.ConfigDict(dict(
-        name="softmax", impl=impl, targets="one_hot",
+        name="softmax", impl=impl, targets="one_hot", tile_size=tile_size,
         multiview=ml_collections.ConfigDict(dict(
             image_text_weight=1.0, image_image_weight=0.5, text_text_weight=0.25,
             **multiview_fields)),
@@ -94,10 +94,11 @@ def test_dense_matches_numpy_combination():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl,mesh_name", (("all_gather", "data4_fsdp2"), ("ring", "data8")))
-def test_sharded_matches_dense(impl, mesh_name):
+@pytest.mark.parametrize("impl,mesh_name,tile_size", (
+    ("all_gather", "data4_fsdp2", 0), ("ring", "data8", 0), ("ring", "data4_fsdp2", 3)))
+def test_sharded_matches_dense(impl, mesh_name, tile_size):
     expected = dense_result()
-    got = run(loss_config(impl), *make_inputs(), mesh=make_mesh(mesh_name),
+    got = run(loss_config(impl, tile_size), *make_inputs(), mesh=make_mesh(mesh_name),
               batch_axes=MESHES[mesh_name][1])
     np.testing.assert_allclose(got[0], expected[0], rtol=TOL, atol=TOL)
     assert set(got[1]) == set(expected[1])
