@@ -12,7 +12,9 @@ Three parts, each in subprocesses with that many fake CPU devices
    (`compiled.memory_analysis().temp_size_in_bytes`) and one timed step.
 2. Per-device-batch sweep on 8 devices, compile only: ring (untiled) and tiled ring
    (`--tile`), softmax and sigmoid, float32 embeddings, at each global batch.
-3. Time of the tiled (`--time_tile`) against the untiled ring at global batch 4,096 on
+3. The largest power-of-two global batch on 8 devices whose loss fits 1 GiB of
+   temporary memory per device: dense / all_gather / ring / tiled ring (compile only).
+4. Time of the tiled (`--time_tile`) against the untiled ring at global batch 4,096 on
    8 devices: forward + backward, measured alternately, median of `--repeats` (>= 5).
 
 The last line printed is
@@ -130,6 +132,31 @@ def measure_batches(global_batches: list[int], dim: int, tile: int) -> list[dict
     return results
 
 
+def measure_capacity(dim: int, tile: int, budget_gib: float) -> dict[str, int]:
+    """Part 4 (8 devices, compile only): the largest power-of-two global batch whose
+    softmax loss (forward + backward, float32) needs at most `budget_gib` of temporary
+    memory per device, for each implementation."""
+    import jax
+    import jax.numpy as jnp
+
+    mesh, rows = _setup(8)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    largest = {}
+    for label, impl, tile_size in (("dense", "dense", 0), ("all_gather", "all_gather", 0),
+                                   ("ring", "ring", 0), ("tiled", "ring", tile)):
+        step = _step(mesh, dict(name="softmax", impl=impl, tile_size=tile_size))
+        batch, fits = 1024, 0
+        while batch <= 2**26:
+            emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=rows)
+            temp = step.lower(emb, emb, scalar, scalar).compile().memory_analysis()
+            if temp.temp_size_in_bytes > budget_gib * GIB:
+                break
+            fits, batch = batch, 2 * batch
+        largest[label] = fits
+        print(json.dumps({label: fits}), file=sys.stderr, flush=True)
+    return largest
+
+
 def measure_time(global_batch: int, dim: int, tile: int, repeats: int) -> dict:
     """Part 3 (8 devices): untiled and tiled ring, alternately."""
     import jax
@@ -193,6 +220,8 @@ def main() -> None:
         if args.part == "devices":
             out = measure_devices(args.worker, args.impls.split(","), args.local_batch,
                                   args.dim, args.dtype, 1)
+        elif args.part == "capacity":
+            out = measure_capacity(args.dim, args.tile, 1.0)
         elif args.part == "batches":
             out = measure_batches([int(b) for b in args.global_batches.split(",")], args.dim,
                                   args.tile)
@@ -237,8 +266,15 @@ def main() -> None:
     growth = max((temp[batches[-1], n, "tiled"] / temp[batches[0], n, "tiled"])
                  ** (1 / doublings) for n in ("softmax", "sigmoid"))
 
+    largest = run_worker(8, common + ["--part", "capacity"])
+    print(f"\n3. largest power-of-two global batch on 8 devices per 1 GiB of loss memory per "
+          f"device (softmax, forward+backward, dim {args.dim}, float32, compile only)")
+    print("| " + " | ".join(largest) + " |")
+    print("|" + "---:|" * len(largest))
+    print("| " + " | ".join(f"{b:,}" for b in largest.values()) + " |", flush=True)
+
     times = run_worker(8, common + ["--part", "time"])
-    print(f"\n3. softmax forward+backward at global batch {args.time_batch} on 8 devices, "
+    print(f"\n4. softmax forward+backward at global batch {args.time_batch} on 8 devices, "
           f"median of {args.repeats} (alternating): ring {times['ring']:.3f} s, tiled "
           f"(tile {args.time_tile}) {times['tiled']:.3f} s, ratio "
           f"{times['tiled'] / times['ring']:.2f}")
