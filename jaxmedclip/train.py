@@ -386,7 +386,7 @@ def record_tokenizer(workdir: str, model_path: str) -> str:
         with open(path, "rb") as f:
             if vocabulary_signature(f.read()) == vocabulary_signature(model):
                 return path
-        raise ValueError(
+        raise checkpointing.ResumeError(
             f"{path}, the tokenizer this workdir's checkpoints were trained with, differs from "
             f"the data config's tokenizer {model_path}; train into a new --workdir, or delete "
             f"{path} to continue these checkpoints with the new token ids"

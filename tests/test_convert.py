@@ -134,6 +134,27 @@ def test_clip_import_gives_same_tower_outputs(scan, tmp_path):
         )
 
 
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_standalone_clip_vision_tower_import(prefixed, tmp_path):
+    """`CLIPVisionModel` folders: transformers 5 writes `embeddings.*`, transformers 4 wrote
+    `vision_model.embeddings.*`; both load."""
+    from safetensors.numpy import load_file, save_file
+
+    config = transformers.CLIPVisionConfig(**VISION)
+    hf = save_random(transformers.CLIPVisionModel(config), tmp_path)
+    if prefixed:
+        path = str(tmp_path / "model.safetensors")
+        tensors = load_file(path)
+        assert not any(k.startswith("vision_model.") for k in tensors)
+        save_file({f"vision_model.{k}": v for k, v in tensors.items()}, path)
+    module, params = our_model(image=dict(pre_norm=True))
+    params = convert.load_pretrained(params, str(tmp_path), towers=("image",))
+    images, tokens = inputs()
+    ours_image, _ = towers_out(module, params, images, tokens)
+    with torch.no_grad():
+        close(ours_image, hf(pixel_values=torch.from_numpy(images)).pooler_output)
+
+
 def test_siglip_vit_and_bert_import(tmp_path):
     images, tokens = inputs()
     mask = torch.from_numpy(tokens != 0).long()

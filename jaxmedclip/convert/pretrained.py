@@ -119,6 +119,10 @@ def load_pretrained(
     problems = []
     for which in towers:
         table, prefix = sources[which]
+        if prefix and not any(k.startswith(prefix) for k in tensors):
+            # transformers 5 saves a standalone tower (CLIPVisionModel, ...) without the
+            # `vision_model.` / `text_model.` prefix that transformers 4 wrote.
+            prefix = ""
         root = layouts.OUR_TOWERS[which]
         ours_flat = rules.flatten(params[root])
         expected = rules.unstacked_shapes({k: np.shape(v) for k, v in ours_flat.items()})
