@@ -37,12 +37,16 @@ EXTRAS = {
         "pytest>=8,<10",
         "ruff>=0.6,<1",
     ],
-    # Reserved for the PyTorch export/import (issue "PyTorch export and import").
-    # The lower bound is loose on purpose: a machine's preinstalled CPU build is kept.
+    # PyTorch export/import (docs/pytorch.md). The ranges are what the parity tests
+    # (tests/test_export.py, tests/test_export_cli.py, tests/test_convert.py) passed with:
+    # torch 2.14.1 (CUDA build, with triton 3.8.0) and 2.13.0 (CPU build; a machine's
+    # preinstalled CPU build is kept), transformers 5.25.0 and 5.24.0, tokenizers 0.23.3,
+    # safetensors 0.8.0.
     "torch": [
-        "torch>=2.4",
-        "transformers>=5.24,<6",
-        "safetensors>=0.4,<1",
+        "torch>=2.13,<2.15",
+        "transformers>=5.24,<5.26",
+        "tokenizers>=0.23,<0.24",
+        "safetensors>=0.8,<0.9",
     ],
 }
 

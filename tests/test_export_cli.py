@@ -220,23 +220,25 @@ def test_export_cli_imports_no_tensorflow_and_loads(exported, trained, experimen
     np.testing.assert_allclose(output.text_embeds.numpy(), text_emb, rtol=0, atol=1e-5)
 
 
-def readme_pytorch_example() -> str:
-    """The Python block of README.md's "Use the model from PyTorch" section."""
+def readme_pytorch_section() -> tuple[str, str]:
+    """(the export's --out, the Python block) of README.md's "Use the model from PyTorch"."""
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     section = readme.split("## Use the model from PyTorch", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-    assert blocks, "README.md's PyTorch section has no python block"
-    return blocks[0]
+    assert commands and blocks, "README.md's PyTorch section lost its export command or example"
+    assert "python -m jaxmedclip.export" in commands[0]
+    return re.search(r"--out (\S+)", commands[0]).group(1), blocks[0]
 
 
 def test_readme_pytorch_example_runs_on_the_export(exported, tmp_path):
     out = exported[0]
-    code = readme_pytorch_example()
-    assert len(code.strip().splitlines()) == 5 and '"/models/cxr_clip"' in code
+    folder, code = readme_pytorch_section()
+    assert len(code.strip().splitlines()) == 5 and f'"{folder}"' in code  # The export's.
     image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "cxr.png")
-    code = code.replace('"/models/cxr_clip"', repr(out))
+    code = code.replace(f'"{folder}"', repr(out))
     check = "import json; print('PROBS=' + json.dumps(probs.tolist()))\n"
     result = subprocess.run(
         [sys.executable, "-c", code + check],
