@@ -6,7 +6,7 @@
 Pins the process to one core (`os.sched_setaffinity`) and gives TensorFlow one thread
 (inter- and intra-op) and tf.data a private thread pool of one thread. Then measures
 
-1. bare: PNG decode + resize (`pipeline.decode_and_resize`) of the train split's images,
+1. bare: PNG decode + resize (`stages.pixels.decode_and_resize`) of the train split's images,
    held in memory, batched, in images/s;
 2. full: `make_dataset(train=True)`: order, ArrayRecord read, parse, PNG check, text
    choice, normalisation and tokenisation, decode, resize and augmentation (with
@@ -14,9 +14,9 @@ Pins the process to one core (`os.sched_setaffinity`) and gives TensorFlow one t
    `data.augment`, else a typical one: crop, rotation, brightness/contrast/gamma),
    normalisation, batching; in images/s;
 
-The two are measured alternately, `--rounds` times each (a shared virtual machine's
-speed drifts by up to 30% within a minute), and the rates reported are the medians; the last
-line is `pipeline_vs_decode=<median over rounds of full / bare>`.
+The two are measured alternately, `--rounds` times each (a shared machine's speed
+drifts within a minute: docs/benchmarks.md), and the rates reported are the medians; the
+last line is `pipeline_vs_decode=<median over rounds of full / bare>`.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     from input_pipeline import pipeline
+    from input_pipeline.stages.pixels import decode_and_resize
     from jaxmedclip import config_lib
 
     config = config_lib.config_from_flags(args.config, overrides)
@@ -93,7 +94,7 @@ def main() -> None:
     pngs = np.array([source[i]["image"] for i in range(count)], dtype=object)
     size = data.image_size
     bare = (tf.data.Dataset.from_tensor_slices(pngs).repeat()
-            .map(lambda png: pipeline.decode_and_resize(png, size),
+            .map(lambda png: decode_and_resize(png, size),
                  num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE).with_options(options))

@@ -2,7 +2,7 @@
 
 Each training example brings a second image (the study's other view, PA <-> LATERAL,
 or for a one-view study a second augmentation of its image) and a second text
-(`data.multiview`, input_pipeline/multiview.py). The loss is CXR-CLIP's
+(`data.multiview`, input_pipeline/stages/views.py). The loss is CXR-CLIP's
 (`loss.multiview`, jaxmedclip/methods/multiview.py):
 
   loss = 1.0 * mean of the four image-text terms C(x_a, t_b)

@@ -17,14 +17,15 @@ Configured by `data.augment` (absent, None or all defaults: no augmentation):
 The geometry is defined on the image resized to the model's size (aspect kept, zero
 padding) with intensities in [0, 1]: the crop is taken from that image and stretched back
 to full size (zoom in only), rotated about its centre; pixels from outside the image are
-0, like the padding. Two ways to apply it, the same transform:
+0, like the padding. Two ways to apply it, the same transform (the image stage,
+input_pipeline/stages/pixels.py, picks one):
 
-- `augment_images`: batched, on images already resized (tests, tools);
-- `source_warps` + `warp_source` (the training pipeline, with rotation): the resize and
-  the warp as one resampling of the decoded source, its warp computed batched from the
-  PNG header before decoding; then `photometric`, batched. Half the resampling work
-  (see `source_warps`), and one interpolation instead of two: training images about as
-  sharp as the resized evaluation images (the resize-then-warp ones were blurrier).
+- `augment_images`: batched, on images already resized (training with a crop or flip
+  and no rotation);
+- `source_warps` + `warp_source` (training with rotation): the resize and the warp as
+  one resampling of the decoded source, its warp computed batched from the PNG header
+  before decoding; then `photometric`, batched. Half the resampling work and one
+  interpolation instead of two (docs/benchmarks.md, "Input pipeline").
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import math
 import ml_collections
 import tensorflow as tf
 
-# Salts: independent random streams per use (the example order uses its own, pipeline.py).
+# Salts: independent random streams per use (the stages in input_pipeline/stages/ have theirs).
 SALT_GEOMETRY = 11
 SALT_PHOTOMETRIC = 12
 # Stream k (e.g. the second image of a multi-view example, k = 1) offsets every salt by
@@ -159,20 +160,6 @@ def photometric(images: tf.Tensor, positions: tf.Tensor, seed: int, config: Augm
     return _photometric(images, u, config)
 
 
-def augment_source(image: tf.Tensor, position: tf.Tensor, seed: int, config: AugmentConfig,
-                   size: int, stream: int = 0) -> tf.Tensor:
-    """Decoded float32 [h, w, C] in [0, 1], any size -> [size, size, C]: the aspect-keeping
-    resize with zero padding of `pipeline.decode_and_resize`, then the geometric part of
-    `augment_images` for example `position`, done as one resampling of the source.
-
-    `source_warps` (batched, before decoding) and `warp_source` (per image) in one call.
-    """
-    shape = tf.shape(image)
-    warps = source_warps(tf.reshape(position, [1]), seed, config, size, shape[None, 0],
-                         shape[None, 1], stream)
-    return warp_source(image, {k: v[0] for k, v in warps.items()}, size)
-
-
 def source_warps(positions: tf.Tensor, seed: int, config: AugmentConfig, size: int,
                  source_height: tf.Tensor, source_width: tf.Tensor, stream: int = 0
                  ) -> dict[str, tf.Tensor]:
@@ -249,8 +236,8 @@ def _block_mean(image: tf.Tensor, k_y: tf.Tensor, k_x: tf.Tensor) -> tf.Tensor:
     rows, cols = shape[0] // k_y, shape[1] // k_x
     whole = image[:rows * k_y, :cols * k_x]
     # Bilinear resizing by a factor of 1 or 2 along an axis reads each output pixel
-    # halfway between two input pixels: the exact block mean, and 4x faster than the
-    # area resize, which is exact for any integer factor.
+    # halfway between two input pixels: the exact block mean, and faster than the area
+    # resize, which is exact for any integer factor.
     return tf.case([(tf.reduce_all(tf.equal([k_y, k_x], 1)), lambda: image),
                     (tf.reduce_all(tf.less_equal([k_y, k_x], 2)),
                      lambda: tf.image.resize(whole, [rows, cols], method="bilinear"))],

@@ -5,9 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
+from pipeline_reference import warp_from_source
 
 from input_pipeline import augment
-from input_pipeline.augment import AugmentConfig, augment_images, augment_source, uniform
+from input_pipeline.augment import AugmentConfig, augment_images, source_warps, uniform
 
 ALL_ON = AugmentConfig(crop_scale=(0.5, 1.0), crop_aspect=(0.8, 1.25), rotation_degrees=10,
                        brightness=0.1, contrast=0.2, gamma=0.2)
@@ -135,7 +136,7 @@ def test_warping_a_source_of_the_output_size_is_augment_images(config):
     images = [source(24, 24, seed) for seed in range(6)]
     expected = augment_images(tf.stack(images), tf.range(6), 4, config).numpy()
     for i, image in enumerate(images):
-        got = augment_source(image, tf.constant(i), 4, config, 24).numpy()
+        got = warp_from_source(image, tf.constant(i), 4, config, 24).numpy()
         np.testing.assert_allclose(got, expected[i], atol=1e-5)
 
 
@@ -147,19 +148,19 @@ WHOLE_ROTATED = dataclasses.replace(WHOLE, rotation_degrees=1e-4)
 @pytest.mark.parametrize("config", [WHOLE, WHOLE_ROTATED])
 def test_whole_image_crop_of_a_source_of_the_output_size_is_the_identity(config):
     image = source(32, 32)
-    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, config, 32), image,
+    np.testing.assert_allclose(warp_from_source(image, tf.constant(2), 0, config, 32), image,
                                atol=1e-4)
 
 
 def test_whole_image_crop_of_a_larger_source():
     image = source(64, 64)
     # Without rotation: the antialiased resize of decode_and_resize, exactly.
-    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, WHOLE, 32),
+    np.testing.assert_allclose(warp_from_source(image, tf.constant(2), 0, WHOLE, 32),
                                tf.image.resize_with_pad(image, 32, 32, antialias=True),
                                atol=1e-6)
     # With rotation: the 2 x 2 block means, read at their centres.
     blocks = image.numpy().reshape(32, 2, 32, 2, 1).mean(axis=(1, 3))
-    np.testing.assert_allclose(augment_source(image, tf.constant(2), 0, WHOLE_ROTATED, 32),
+    np.testing.assert_allclose(warp_from_source(image, tf.constant(2), 0, WHOLE_ROTATED, 32),
                                blocks, atol=1e-4)
 
 
@@ -168,7 +169,7 @@ def test_a_non_square_source_keeps_its_aspect_ratio_with_zero_padding(config):
     # 40 x 80 into 32 x 32: 16 rows of image between 8 rows of zeros above and below, as
     # decode_and_resize places it.
     ramp = np.tile(np.linspace(0.2, 1.0, 80, dtype=np.float32), (40, 1))[..., None]
-    got = augment_source(tf.constant(ramp), tf.constant(0), 0, config, 32).numpy()
+    got = warp_from_source(tf.constant(ramp), tf.constant(0), 0, config, 32).numpy()
     resized = tf.image.resize_with_pad(ramp, 32, 32, antialias=True).numpy()
     assert not got[:8].any() and not got[24:].any() and (got[8:24] > 0.1).all()
     np.testing.assert_allclose(got[8:24], resized[8:24], atol=0.02)
@@ -187,7 +188,7 @@ def test_source_warp_is_about_as_sharp_as_the_evaluation_resize(config):
     for height, width in ((128, 128), (150, 120)):
         image = source(height, width)
         resized = tf.image.resize_with_pad(image, 32, 32, antialias=True).numpy()
-        warped = [augment_source(image, tf.constant(p), 0, config, 32).numpy()
+        warped = [warp_from_source(image, tf.constant(p), 0, config, 32).numpy()
                   for p in range(8)]
         ratio = np.mean([detail(w) for w in warped]) / detail(resized)
         assert 0.75 < ratio < 1.35, (height, width, ratio)
@@ -195,4 +196,5 @@ def test_source_warp_is_about_as_sharp_as_the_evaluation_resize(config):
 
 def test_source_warps_need_a_geometric_augmentation():
     with pytest.raises(ValueError, match="geometric"):
-        augment_source(source(8, 8), tf.constant(0), 0, AugmentConfig(gamma=0.1), 8)
+        source_warps(tf.constant([0], tf.int64), 0, AugmentConfig(gamma=0.1), 8,
+                     tf.constant([8]), tf.constant([8]))

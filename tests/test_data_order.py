@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import pipeline
+from input_pipeline.stages.source import EpochOrder
 
 GLOBAL_BATCH = 8
 
@@ -106,10 +107,10 @@ def test_order_depends_on_the_seed(config, prepared):
 def test_epoch_order_after_going_back_to_an_earlier_epoch():
     # A second iterator over the same dataset starts again at epoch 0 while the cache
     # holds later epochs: the cache must not evict the epoch it was just asked for.
-    order = pipeline.EpochOrder(5, seed=3, cached_epochs=2)
+    order = EpochOrder(5, seed=3, cached_epochs=2)
     first = order.records_at(np.arange(5))
     later = order.records_at(np.arange(5, 30))  # Epochs 1..5 pass through the cache.
     np.testing.assert_array_equal(order.records_at(np.arange(5)), first)
     np.testing.assert_array_equal(order.records_at(np.arange(5, 30)), later)
-    np.testing.assert_array_equal(pipeline.EpochOrder(5, seed=3).records_at(np.arange(30)),
+    np.testing.assert_array_equal(EpochOrder(5, seed=3).records_at(np.arange(30)),
                                   np.concatenate([first, later]))

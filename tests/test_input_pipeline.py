@@ -10,10 +10,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
+from pipeline_reference import warp_from_source
 
 from input_pipeline import pipeline, synthetic_builder, synthetic_cxr, tokenizer
-from input_pipeline.augment import AugmentConfig, augment_source, photometric
+from input_pipeline.augment import AugmentConfig, photometric
 from input_pipeline.findings import NUM_FINDINGS
+from input_pipeline.stages import pixels
+from input_pipeline.stages import text as text_stage
+from input_pipeline.stages.source import EpochOrder
 
 SIZES = dict(num_train=32, num_validation=8, num_test=8)
 
@@ -269,7 +273,7 @@ def test_text_sections_fall_back_to_the_other_one():
     impression = tf.constant(["No acute process.", "Cardiomegaly.", ""])
 
     def texts(source):
-        return [t.decode() for t in pipeline.select_text(findings, impression, source).numpy()]
+        return [t.decode() for t in text_stage.select_text(findings, impression, source).numpy()]
 
     assert texts("report") == texts("both") == [
         "Heart is normal. No acute process.", "Cardiomegaly.", "Small effusion."]
@@ -281,20 +285,20 @@ def test_sentences_are_a_seeded_shuffled_subset():
     report = "Heart is normal. No effusion. Lungs are clear! Is it edema? Tube in place."
     sentences = ["Heart is normal.", "No effusion.", "Lungs are clear!", "Is it edema?",
                  "Tube in place."]
-    assert [s.decode() for s in pipeline.split_sentences(tf.constant([report]))[0].numpy()] \
+    assert [s.decode() for s in text_stage.split_sentences(tf.constant([report]))[0].numpy()] \
         == sentences
     texts = tf.constant([report] * 40 + ["Single sentence.", ""])
     positions = tf.range(42, dtype=tf.int64)
 
     def choose(**kwargs):
-        return [t.decode() for t in pipeline.select_sentences(texts, positions, 0, **kwargs)
+        return [t.decode() for t in text_stage.select_sentences(texts, positions, 0, **kwargs)
                 .numpy()]
 
     two = choose(num_sentences=2)
     assert two == choose(num_sentences=2)  # A function of (seed, position).
     assert two[-2:] == ["Single sentence.", ""]
     def split(text):
-        return [p.decode() for p in pipeline.split_sentences(tf.constant([text]))[0].numpy()]
+        return [p.decode() for p in text_stage.split_sentences(tf.constant([text]))[0].numpy()]
 
     picked = [tuple(split(t)) for t in two[:40]]
     assert all(len(p) == 2 for p in picked) and len(set(picked)) > 10
@@ -303,7 +307,7 @@ def test_sentences_are_a_seeded_shuffled_subset():
         assert set(parts) <= set(sentences) and len(set(parts)) == len(parts)
     assert {len(split(t)) for t in choose(sentence_fraction=0.5)[:40]} == {3}
     assert len({len(split(t)) for t in choose()[:40]}) > 2
-    other = [t.decode() for t in pipeline.select_sentences(texts, positions, 1,
+    other = [t.decode() for t in text_stage.select_sentences(texts, positions, 1,
                                                             num_sentences=2).numpy()]
     assert other != two
     capped = choose(max_sentences=2)[:40]
@@ -382,10 +386,10 @@ def test_png_check():
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(buffer, format="PNG")
     good = buffer.getvalue()
-    assert pipeline.png_is_intact(good)
-    assert not pipeline.png_is_intact(good[:-1]) and not pipeline.png_is_intact(b"")
-    assert not pipeline.png_is_intact(good + b"trailing")
-    assert not pipeline.png_is_intact(good[:20] + bytes([good[20] ^ 0xFF]) + good[21:])
+    assert pixels.png_is_intact(good)
+    assert not pixels.png_is_intact(good[:-1]) and not pixels.png_is_intact(b"")
+    assert not pixels.png_is_intact(good + b"trailing")
+    assert not pixels.png_is_intact(good[:20] + bytes([good[20] ^ 0xFF]) + good[21:])
 
 
 def test_png_size_reads_the_header_without_decoding():
@@ -393,14 +397,14 @@ def test_png_size_reads_the_header_without_decoding():
         return tf.io.encode_png(np.zeros((height, width, 1), dtype)).numpy()
 
     encoded = [png(5, 7, np.uint8), png(300, 70000 // 256, np.uint16), png(1, 1, np.uint8)]
-    height, width = pipeline.png_size(tf.constant(encoded + [encoded[0][:12], b""]))
+    height, width = pixels.png_size(tf.constant(encoded + [encoded[0][:12], b""]))
     np.testing.assert_array_equal(height.numpy(), [5, 300, 1, 0, 0])
     np.testing.assert_array_equal(width.numpy(), [7, 70000 // 256, 1, 0, 0])
 
 
 def test_training_images_are_warped_once_from_the_source(prepared, config):
-    # 64-pixel sources to 32-pixel images: each training image is the source warped by
-    # augment_source (2 x 2 block mean, one bilinear warp), then photometric jitter.
+    # 64-pixel sources to 32-pixel images: each training image is the source warped once
+    # (2 x 2 block mean, one bilinear warp), then photometric jitter.
     builder, tok = prepared
     augment = dict(crop_scale=(0.6, 1.0), rotation_degrees=10.0, gamma=0.1, brightness=0.1)
     cfg = data_config(config.data_dir, image_size=32, augment=augment)
@@ -411,9 +415,9 @@ def test_training_images_are_warped_once_from_the_source(prepared, config):
     positions = np.arange(24, 32)
     source = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
     config_ = AugmentConfig.from_config(augment)
-    expected = tf.stack([augment_source(pipeline.decode_png(source[int(r)]["image"]), p, 5,
-                                        config_, 32)
-                         for r, p in zip(pipeline.EpochOrder(len(source), 5).records_at(
+    expected = tf.stack([warp_from_source(pixels.decode_png(source[int(r)]["image"]), p, 5,
+                                          config_, 32)
+                         for r, p in zip(EpochOrder(len(source), 5).records_at(
                              positions), positions, strict=True)])
     expected = photometric(expected, tf.constant(positions), 5, config_).numpy()
     np.testing.assert_allclose(batch["image"], (expected - 0.5) / 0.25, atol=1e-5)
@@ -429,7 +433,7 @@ def test_bad_examples_are_masked_and_counted(bad_records, config):
     source = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
     # TFDS stores records in an order of its own: example i is the one with study s{i}.
     example_of_record = np.array([int(source[r]["study_id"][1:]) for r in range(len(source))])
-    order = pipeline.EpochOrder(BAD_RECORDS, 0)
+    order = EpochOrder(BAD_RECORDS, 0)
     for step, batch in enumerate(train.take(2).as_numpy_iterator()):
         records = order.records_at(np.arange(BAD_RECORDS) + step * BAD_RECORDS)
         bad = np.isin(example_of_record[records], list(BAD_ROWS))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from input_pipeline import label_prompts, labeler, pipeline, tokenizer
 from input_pipeline.findings import NUM_FINDINGS
+from input_pipeline.stages.source import EpochOrder
 from jaxmedclip import config_lib, train
 
 GLOBAL_BATCH = 8
@@ -71,7 +72,7 @@ def test_a_fixed_share_of_each_batch_reads_its_labels_as_text(data_dir, config, 
     got = batches(config, builder, tok, steps)
     plain = batches(data_config(data_dir, decoupled=None), builder, tok, steps)
     labels = record_labels(builder)
-    order = pipeline.EpochOrder(len(labels), 0)
+    order = EpochOrder(len(labels), 0)
     slots = []
     for step, (batch, reference) in enumerate(zip(got, plain, strict=True)):
         prompt = batch["label_prompt"]
@@ -151,7 +152,7 @@ def test_text_label_rows_are_reports_without_their_image(data_dir, config, prepa
                    tok, steps)
     plain = batches(data_config(data_dir, decoupled=None), builder, tok, steps)
     labels = np.nan_to_num(record_labels(builder))
-    order = pipeline.EpochOrder(len(labels), 0)
+    order = EpochOrder(len(labels), 0)
     slots = []
     for step, batch in enumerate(got):
         records = order.records_at(step * GLOBAL_BATCH + np.arange(GLOBAL_BATCH))
@@ -248,7 +249,7 @@ def test_label_only_records_take_their_prompt(tmp_path, data_dir, prepared):
                          decoupled=dict(image_only_fraction=0.0))
     [batch] = batches(config, builder, tok, 1)
     source = builder.as_data_source("train")
-    records = pipeline.EpochOrder(len(source), 0).records_at(np.arange(GLOBAL_BATCH))
+    records = EpochOrder(len(source), 0).records_at(np.arange(GLOBAL_BATCH))
     example = np.array([int(source[int(r)]["study_id"][1:]) for r in records])
     label_only = example % 2 == 1
     np.testing.assert_array_equal(batch["label_prompt"], label_only & (example != 7))
@@ -283,7 +284,7 @@ def test_rows_the_loss_cannot_use_without_their_image_keep_it(tmp_path, data_dir
     config = data_config(data_dir, image_size=16, decoupled=dict(text_only_fraction=1.0))
     [batch] = batches(config, builder, tok, 1)
     source = builder.as_data_source("train")
-    records = pipeline.EpochOrder(len(source), 0).records_at(np.arange(GLOBAL_BATCH))
+    records = EpochOrder(len(source), 0).records_at(np.arange(GLOBAL_BATCH))
     example = np.array([int(source[int(r)]["study_id"][1:]) for r in records])
     assert batch["mask"].all() and batch["text_mask"].all()
     # Every row was chosen; only reports with a non-zero label row lose their image.

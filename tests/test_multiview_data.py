@@ -1,4 +1,4 @@
-"""Multi-view training batches (`data.multiview`, input_pipeline/multiview.py): a second
+"""Multi-view training batches (`data.multiview`, input_pipeline/stages/views.py): a second
 view of the study (or a second augmentation of a one-view study's image) and a second
 text, checked against the records; order and resume stay exact."""
 
@@ -6,9 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+from pipeline_reference import warp_from_source
 
-from input_pipeline import multiview, pipeline, tokenizer
-from input_pipeline.augment import AugmentConfig, augment_source, photometric
+from input_pipeline import pipeline, tokenizer
+from input_pipeline.augment import AugmentConfig, photometric, uniform
+from input_pipeline.stages import pixels, source, views
 
 GLOBAL_BATCH = 8
 AUGMENT = dict(crop_scale=(0.5, 1.0), rotation_degrees=10.0, brightness=0.1, contrast=0.1,
@@ -44,9 +46,9 @@ def prepared(config):
 def records(prepared):
     """Every train record: serialized bytes and the parsed features (image left PNG)."""
     builder, _ = prepared
-    source = pipeline.RecordReader(builder, "train")
-    serialized = source.read(np.arange(len(source)))
-    parsed = pipeline._batch_parser(builder.info.features)(tf.constant(serialized.tolist()))
+    reader = source.RecordReader(builder, "train")
+    serialized = reader.read(np.arange(len(reader)))
+    parsed = source.record_parser(builder)(tf.constant(serialized.tolist()))
     return {k: v.numpy() for k, v in parsed.items()}
 
 
@@ -65,9 +67,9 @@ def rows_of(records, steps):
     recomputed from the order and the study index."""
     num = len(records["study_id"])
     positions = np.arange(steps * GLOBAL_BATCH)
-    index = pipeline.EpochOrder(num, 0).records_at(positions)
-    u = pipeline.uniform(0, multiview.SALT_OTHER_VIEW, positions, 1)[:, 0].numpy()
-    other = multiview.StudyIndex(records["study_id"]).other_views(index, u)
+    index = source.EpochOrder(num, 0).records_at(positions)
+    u = uniform(0, views.SALT_OTHER_VIEW, positions, 1)[:, 0].numpy()
+    other = views.StudyIndex(records["study_id"]).other_views(index, u)
     return index, other, positions
 
 
@@ -77,16 +79,16 @@ def expected_image2(config, records, index, other, positions):
     source = np.where(other >= 0, other, index)
     augment = AugmentConfig.from_config(AUGMENT)
     images = tf.stack([
-        augment_source(pipeline.decode_png(records["image"][r]), position, 0, augment,
-                       config.image_size, stream=multiview.SECOND_STREAM)
+        warp_from_source(pixels.decode_png(records["image"][r]), position, 0, augment,
+                         config.image_size, stream=views.SECOND_STREAM)
         for r, position in zip(source, positions, strict=True)])
-    images = photometric(images, positions, 0, augment, stream=multiview.SECOND_STREAM)
+    images = photometric(images, positions, 0, augment, stream=views.SECOND_STREAM)
     return ((images - config.image_mean) / config.image_std).numpy()
 
 
 def test_study_index_picks_another_record_of_the_study():
     ids = np.array([b"a", b"b", b"a", b"c", b"a", b"b"], object)
-    index = multiview.StudyIndex(ids)
+    index = views.StudyIndex(ids)
     records = np.repeat(np.arange(6), 50)
     u = np.random.default_rng(0).random(len(records))
     other = index.other_views(records, u)
@@ -194,7 +196,7 @@ def test_label_prompt_rows_get_a_second_prompt_draw(data_dir, prepared, records)
     for row in np.flatnonzero(prompted):
         texts = [labeler.labels_to_prompt(records["labels"][index[row]], np.random.default_rng(
             [0, label_prompts.SALT_PROMPT_TEXT, stream, int(positions[row])]))
-            for stream in (0, multiview.SECOND_STREAM)]
+            for stream in (0, views.SECOND_STREAM)]
         expected = tok.encode_batch([tokenizer.normalize_text(t) for t in texts])
         np.testing.assert_array_equal(batch["tokens"][row], expected[0])
         np.testing.assert_array_equal(batch["tokens2"][row], expected[1])

@@ -1,16 +1,14 @@
-"""Multi-view training examples (CXR-CLIP): a second image and a second text per example.
+"""The multi-view stage (CXR-CLIP): a second image and a second text per example.
 
 Configured by `data.multiview` (absent or False: off; training batches are then exactly
 what they were without it) and `data.multiview_texts`. With it on, every training
-example (`make_dataset(..., train=True)`) also yields
+example also yields
 
-  image2     float32 [b, H, W, 1]  another view of the same study when the study has
-                                   one (records share `study_id`; with several others,
-                                   one drawn from (seed, position)), else the example's
-                                   own image; augmented independently of `image`
-                                   (`data.augment`, stream 1 of augment.py's salts)
-  tokens2    int32 [b, max_text_len]  the second text, tokenized like `tokens`
-  text_id2   int32 [b]  hash of the normalised second text (like `text_id`)
+  image2     another view of the same study when the study has one (records share
+             `study_id`; with several others, one drawn from (seed, position)), else
+             the example's own image; augmented independently of `image` (stream 1 of
+             augment.py's salts)
+  tokens2, text_id2  the second text, tokenized and hashed like the first
 
 The second text (`data.multiview_texts`):
   "resample" (default): a second, independent draw of `data.text="sentences"` from the
@@ -31,9 +29,8 @@ order stays exact on resume and the same for any number of processes. Evaluation
 (train=False) ignores these fields.
 
 The other views come from a study index (`StudyIndex`) built when the dataset is made:
-every record of the split is read once for its `study_id` (about a second for the
-synthetic data; for a dataset of hundreds of thousands of full-size images this read is
-the cost of a pass over the split's files).
+every record of the split is read once for its `study_id` (for a large dataset this read
+costs a pass over the split's files).
 """
 
 from __future__ import annotations
@@ -44,10 +41,11 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline.augment import AugmentConfig
+from input_pipeline.augment import AugmentConfig, uniform
+from input_pipeline.stages.source import RecordReader
 
 MULTIVIEW_TEXTS = ("resample", "findings_impression")
-SALT_OTHER_VIEW = 21  # Which other view of a study (pipeline.py and augment.py: others).
+SALT_OTHER_VIEW = 21  # Which other view of a study (augment.py and the other stages: others).
 SECOND_STREAM = 1  # Salt stream of the second image's augmentation and second text.
 _STUDY_ID_CHUNK = 4096
 
@@ -86,9 +84,15 @@ class MultiviewData:
                 "data.augment=dict(crop_scale=(0.6, 1.0), rotation_degrees=10.0))")
         return cls(texts)
 
+    def text_sections(self, text_source: str) -> tuple[str, str]:
+        """The `data.text` values the first and the second text are read with."""
+        if self.texts == "findings_impression":
+            return "findings", "impression"
+        return text_source, text_source
 
-def read_study_ids(source, chunk: int = _STUDY_ID_CHUNK) -> np.ndarray:
-    """object [N] of bytes: the `study_id` of every record of a `pipeline.RecordReader`."""
+
+def read_study_ids(source: RecordReader, chunk: int = _STUDY_ID_CHUNK) -> np.ndarray:
+    """object [N] of bytes: the `study_id` of every record of `source`."""
     spec = {"study_id": tf.io.FixedLenFeature([], tf.string)}
     parts = []
     for start in range(0, len(source), chunk):
@@ -125,7 +129,7 @@ class StudyIndex:
         return np.where(others > 0, chosen, -1).astype(np.int64)
 
 
-def read_other_views(source, other: np.ndarray) -> np.ndarray:
+def read_other_views(source: RecordReader, other: np.ndarray) -> np.ndarray:
     """object [N] of bytes: serialized record `other[i]`, or b"" where it is -1."""
     other = np.asarray(other, np.int64)
     out = np.full(len(other), b"", dtype=object)
@@ -133,3 +137,29 @@ def read_other_views(source, other: np.ndarray) -> np.ndarray:
     if len(rows):
         out[rows] = source.read(other[rows])
     return out
+
+
+class OtherViews:
+    """Rows -> the record each example takes its second image from."""
+
+    def __init__(self, source: RecordReader, seed: int):
+        self.source, self.seed = source, seed
+        self.study_index = StudyIndex(read_study_ids(source))
+        self._image_only = {"image": tf.io.FixedLenFeature([], tf.string, default_value="")}
+
+    def read(self, rows: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """`has_other_view` bool [b] and `serialized_other_view` string [b] (b"" where
+        the study has one record) of rows with `index` and `position`."""
+        u = uniform(self.seed, SALT_OTHER_VIEW, rows["position"], 1)[:, 0]
+        other = tf.numpy_function(self.study_index.other_views, [rows["index"], u], tf.int64,
+                                  stateful=False, name="other_view")
+        other.set_shape(rows["index"].shape)
+        serialized = tf.numpy_function(lambda o: read_other_views(self.source, o), [other],
+                                       tf.string, stateful=False, name="read_other_views")
+        serialized.set_shape(other.shape)
+        return {"has_other_view": other >= 0, "serialized_other_view": serialized}
+
+    def second_image(self, rows: dict[str, tf.Tensor], image: tf.Tensor) -> tf.Tensor:
+        """PNG bytes [b]: the other view where the study has one, else `image`."""
+        other = tf.io.parse_example(rows["serialized_other_view"], self._image_only)
+        return tf.where(rows["has_other_view"], other["image"], image)
