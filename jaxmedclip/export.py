@@ -276,9 +276,9 @@ def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
     none, and the error names `--tokenizer` and the models found where the data config's
     tokenizer usually lives (without building the dataset, which needs tensorflow).
     """
-    from jaxmedclip import train
+    from jaxmedclip import training
 
-    path = os.path.join(workdir, train.WORKDIR_TOKENIZER)
+    path = os.path.join(workdir, training.WORKDIR_TOKENIZER)
     if os.path.isfile(path):
         return path
     data = config.data
@@ -291,7 +291,7 @@ def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
     pattern = os.path.join(data_dir, data.name, "**", "tokenizer", name)
     found = sorted(glob.glob(pattern, recursive=True)) if "://" not in data_dir else []
     where = (
-        "found: " + ", ".join(found)
+        "models of that name (one per dataset configuration; take the run's): " + ", ".join(found)
         if found
         else f"none found under {os.path.join(data_dir, data.name)}"
     )
@@ -455,6 +455,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     config = config_lib.config_from_flags(args.config, overrides)
     fmt = choose_format(config, own.format)
     check_out(own.out, own.overwrite)
+    checkpoints = os.path.join(os.path.abspath(args.workdir), "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise FileNotFoundError(
+            f"{checkpoints} does not exist; train into --workdir {args.workdir} first"
+        )
     tokenizer_model = own.tokenizer or find_tokenizer(args.workdir, config)
     if not os.path.isfile(tokenizer_model):
         raise FileNotFoundError(f"--tokenizer {tokenizer_model} does not exist")
