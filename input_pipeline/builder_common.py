@@ -26,9 +26,6 @@ import gzip
 import json
 import logging
 import os
-import pickle
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -37,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from input_pipeline import images, synthetic_builder
+from input_pipeline import images, synthetic_builder, worker_pool
 from input_pipeline.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
 from input_pipeline.reports import parse_report
 from input_pipeline.tokenizer import tensorflow_on_host
@@ -46,10 +43,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SOURCE_MAX_SIZE = 512
-DEFAULT_MAX_BAD_FRACTION = 0.01
+DEFAULT_BUILD_MAX_BAD_FRACTION = 0.01  # data.build_max_bad_fraction
 DEFAULT_REPORT_EXAMPLES = 20
 _CHUNK = 16  # Images per unit of work sent to a worker process.
-_WORKER_CODE = "from input_pipeline import images; images.serve_encoded_images()"
 
 # Bad-row reasons. Image reasons come from images.encode_job.
 MISSING_IMAGE = images.MISSING_IMAGE
@@ -174,37 +170,9 @@ def check_patient_splits(patient_splits: Iterable[tuple[str, str]], what: str) -
 
 def encoded_images(jobs: Sequence[images.ImageJob], workers: int
                    ) -> Iterator[images.EncodedImage]:
-    """`images.encode_job` of every job, in order, in `workers` processes (1: here).
-
-    Plain subprocesses running only numpy, Pillow and pydicom, as in synthetic_builder:
-    a multiprocessing pool would re-import __main__ (spawn) or fork TensorFlow (fork).
-    """
-    chunks = [list(jobs[i:i + _CHUNK]) for i in range(0, len(jobs), _CHUNK)]
-    workers = max(1, min(workers, len(chunks)))
-    if workers == 1:
-        for chunk in chunks:
-            yield from map(images.encode_job, chunk)
-        return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))}
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env) for _ in range(workers)]
-    try:
-        for k, proc in enumerate(procs):
-            pickle.dump(chunks[k::workers], proc.stdin)
-            proc.stdin.close()
-        for i in range(len(chunks)):
-            proc = procs[i % workers]
-            try:
-                yield from pickle.load(proc.stdout)
-            except EOFError:
-                raise RuntimeError(f"an image worker exited with code {proc.wait()}; its "
-                                   "error is printed above") from None
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
+    """`images.encode_job` of every job, in order, in `workers` processes (1: here)."""
+    return worker_pool.map_in_processes("input_pipeline.images:encode_job", jobs, workers,
+                                        chunk=_CHUNK)
 
 
 class BuildReport:
@@ -242,7 +210,7 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     how many processes decode) are constructor arguments, not part of the config name.
     """
 
-    def __init__(self, *, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    def __init__(self, *, max_bad_fraction: float = DEFAULT_BUILD_MAX_BAD_FRACTION,
                  workers: int | None = None, report_examples: int = DEFAULT_REPORT_EXAMPLES,
                  **kwargs):
         if not 0 <= max_bad_fraction <= 1:
@@ -353,7 +321,7 @@ def build(builder_cls: type[MedicalImageBuilder], config: tfds.core.BuilderConfi
     data_dir = data_config.get("data_dir") or synthetic_builder.default_data_dir()
     options = dict(
         max_bad_fraction=data_config.get("build_max_bad_fraction",
-                                         DEFAULT_MAX_BAD_FRACTION),
+                                         DEFAULT_BUILD_MAX_BAD_FRACTION),
         workers=data_config.get("build_workers", None), **builder_kwargs)
     builder = builder_cls(config=config, data_dir=data_dir, **options)
     if builder.is_prepared():

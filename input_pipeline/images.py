@@ -29,9 +29,7 @@ from __future__ import annotations
 import io
 import math
 import os
-import pickle
-import sys
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -178,12 +176,13 @@ def resize_max_side(image: np.ndarray, max_size: int | None) -> np.ndarray:
     return np.round(np.clip(np.asarray(resized), 0, UINT16_MAX)).astype(np.uint16)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint16 [H, W] -> 16-bit grayscale PNG bytes."""
-    if image.dtype != np.uint16 or image.ndim != 2:
-        raise ValueError(f"expected uint16 [H, W], got {image.dtype} {image.shape}")
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """uint8 or uint16 [H, W] -> 8- or 16-bit grayscale PNG bytes (the same bytes for the
+    same pixels with the same Pillow and zlib). `compress_level`: zlib's, 0-9."""
+    if image.dtype not in (np.uint8, np.uint16) or image.ndim != 2:
+        raise ValueError(f"expected uint8 or uint16 [H, W], got {image.dtype} {image.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
@@ -218,17 +217,6 @@ def encode_job(job: ImageJob) -> EncodedImage:
     except Exception as e:  # Decoders raise anything (OSError, MemoryError, ...).
         return EncodedImage(None, UNREADABLE_IMAGE, f"{job.path}: {_first_line(e)}")
     return EncodedImage(encode_png(image))
-
-
-def serve_encoded_images(source: BinaryIO | None = None, sink: BinaryIO | None = None):
-    """Worker side of a parallel build: reads one pickled list of chunks (each a list of
-    ImageJob) from `source` (stdin); writes one pickled list of EncodedImage per chunk,
-    in order, to `sink` (stdout)."""
-    source = source or sys.stdin.buffer
-    sink = sink or sys.stdout.buffer
-    for chunk in pickle.load(source):
-        pickle.dump([encode_job(job) for job in chunk], sink, protocol=pickle.HIGHEST_PROTOCOL)
-        sink.flush()
 
 
 def _load_raster(path: str, max_size: int | None) -> np.ndarray:

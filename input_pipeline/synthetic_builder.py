@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from input_pipeline import synthetic_cxr
+from input_pipeline import synthetic_cxr, worker_pool
 from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.tokenizer import tensorflow_on_host
 
@@ -31,7 +28,6 @@ DATA_DIR_ENV = "JAXMEDCLIP_DATA_DIR"
 FILE_FORMAT = "array_record"
 _STUDIES_PER_TASK = 32
 _MAX_WORKERS = 8
-_WORKER_CODE = "from input_pipeline import synthetic_cxr; synthetic_cxr.serve_study_records()"
 
 
 def default_data_dir() -> str:
@@ -135,43 +131,10 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
                                            min(start + _STUDIES_PER_TASK, num_studies),
                                            config.source_image_size)
                   for start in range(0, num_studies, _STUDIES_PER_TASK)]
-        workers = min(os.cpu_count() or 1, _MAX_WORKERS, len(ranges))
-        if workers <= 1:
-            for study_range in ranges:
-                yield from synthetic_cxr.study_records(study_range)
-        else:
-            yield from _records_in_parallel(ranges, workers)
-
-
-def _records_in_parallel(ranges: list[synthetic_cxr.StudyRange], workers: int):
-    """`study_records` of every range, in order, computed by `workers` processes.
-
-    Plain subprocesses running only numpy and Pillow: a multiprocessing pool would
-    either re-import the caller's __main__ (spawn: an unguarded script never finishes)
-    or fork a process that runs TensorFlow and JAX threads (fork).
-    """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))}
-    command = [sys.executable, "-c", _WORKER_CODE]
-    procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-             for _ in range(workers)]
-    try:
-        for k, proc in enumerate(procs):
-            pickle.dump(ranges[k::workers], proc.stdin)
-            proc.stdin.close()
-        for i in range(len(ranges)):
-            proc = procs[i % workers]
-            try:
-                records = pickle.load(proc.stdout)
-            except EOFError:
-                raise RuntimeError(f"a synthetic_cxr worker exited with code {proc.wait()}; "
-                                   "its error is printed above") from None
+        workers = min(os.cpu_count() or 1, _MAX_WORKERS)
+        for records in worker_pool.map_in_processes("input_pipeline.synthetic_cxr:study_records",
+                                                    ranges, workers):
             yield from records
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
 
 
 def builder_config(data_config: ml_collections.ConfigDict) -> SyntheticCxrConfig:

@@ -1,7 +1,8 @@
 """Seeded generator of synthetic chest X-ray studies: images, MIMIC-style report, labels.
 
-Pure numpy. A study is a function of (seed, split, index) only, so any split can be
-regenerated, sharded or parallelised without coordination.
+numpy (Pillow only to write PNGs, reports.py to split the sections), no TensorFlow. A
+study is a function of (seed, split, index) only, so any split can be regenerated,
+sharded or parallelised without coordination.
 
 Images are drawn from an attenuation map (bright = dense) in anatomy coordinates
 x, y in [-1, 1] (x grows to the image right = the patient's left on frontal views;
@@ -22,16 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
-import pickle
-import re
-import sys
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from input_pipeline.findings import CHEXPERT_FINDINGS, FINDING_INDEX
+from input_pipeline.images import encode_png
+from input_pipeline.reports import parse_report
 
 SPLIT_CODES: dict[str, int] = {"train": 0, "validation": 1, "test": 2}
 MAX_STUDIES_PER_SPLIT = 3_000_000
@@ -89,32 +88,11 @@ class ReportSections(NamedTuple):
     impression: str
 
 
-_SECTION_HEADER = re.compile(r"^\s*([A-Z][A-Z ]*[A-Z]):", re.MULTILINE)
-
-
 def report_sections(report: str) -> ReportSections:
-    """Splits a MIMIC-style report into its FINDINGS and IMPRESSION text (headers removed).
-
-    A missing section is "". Text inside a section keeps its words; whitespace runs
-    become single spaces.
-    """
-    sections: dict[str, str] = {}
-    headers = list(_SECTION_HEADER.finditer(report))
-    for header, following in zip(headers, headers[1:] + [None], strict=True):
-        end = following.start() if following else len(report)
-        sections[header.group(1)] = " ".join(report[header.end():end].split())
-    return ReportSections(sections.get("FINDINGS", ""), sections.get("IMPRESSION", ""))
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Grayscale PNG bytes of a uint8 [H, W] image (the same bytes for the same pixels
-    with the same Pillow and zlib)."""
-    from PIL import Image  # Pillow is only needed by writers, not by readers.
-
-    buffer = io.BytesIO()
-    # Noisy images barely compress: the fastest level is nearly as small as the default.
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    """The FINDINGS and IMPRESSION text of a report (headers removed, one line each, ""
+    when missing), as every builder parses reports (`reports.parse_report`)."""
+    sections = parse_report(report)
+    return ReportSections(sections.findings, sections.impression)
 
 
 def generate_study(seed: int, split: str, index: int, source_image_size: int = 128) -> Study:
@@ -170,7 +148,8 @@ def study_records(studies: StudyRange) -> list[tuple[str, dict]]:
         for view_index, (view, image) in enumerate(zip(study.views, study.images,
                                                        strict=True)):
             records.append((f"{study.study_id}_{view_index}", {
-                "image": encode_png(image),
+                # Noisy images barely compress: the fastest level loses little.
+                "image": encode_png(image, compress_level=1),
                 "view": view,
                 "study_id": study.study_id,
                 "patient_id": study.patient_id,
@@ -180,19 +159,6 @@ def study_records(studies: StudyRange) -> list[tuple[str, dict]]:
                 "labels": study.labels,
             }))
     return records
-
-
-def serve_study_records(source: BinaryIO | None = None, sink: BinaryIO | None = None):
-    """Worker side of a parallel build.
-
-    Reads one pickled list of StudyRange from `source` (stdin) and writes one pickled
-    `study_records` list per range, in order, to `sink` (stdout).
-    """
-    source = source or sys.stdin.buffer
-    sink = sink or sys.stdout.buffer
-    for studies in pickle.load(source):
-        pickle.dump(study_records(studies), sink, protocol=pickle.HIGHEST_PROTOCOL)
-        sink.flush()
 
 
 # ----------------------------------------------------------------------------- sampling

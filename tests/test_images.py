@@ -8,7 +8,7 @@ import pytest
 from fixtures_medical import gradient, write_dicom, write_raster
 from PIL import Image
 
-from input_pipeline import images
+from input_pipeline import images, worker_pool
 from input_pipeline.images import ImageDecodeError, ImageJob, load_image
 
 
@@ -141,10 +141,15 @@ def test_resize_max_side_keeps_aspect_and_never_enlarges():
     assert images.resize_max_side(image, None) is image
 
 
-def test_encode_png_round_trips_16_bit():
-    image = gradient(9, 11, dtype=np.uint16)
-    decoded = np.asarray(Image.open(io.BytesIO(images.encode_png(image))))
-    np.testing.assert_array_equal(decoded, image)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_encode_png_round_trips(dtype):
+    image = gradient(9, 11, dtype=dtype)
+    for level in (1, 6):
+        decoded = Image.open(io.BytesIO(images.encode_png(image, compress_level=level)))
+        assert decoded.mode == ("L" if dtype == np.uint8 else "I;16")
+        np.testing.assert_array_equal(np.asarray(decoded), image)
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        images.encode_png(image.astype(np.float32))
 
 
 def test_worker_protocol_turns_bad_files_into_reasons(tmp_path):
@@ -156,7 +161,7 @@ def test_worker_protocol_turns_bad_files_into_reasons(tmp_path):
     source, sink = io.BytesIO(), io.BytesIO()
     pickle.dump([jobs[:1], jobs[1:]], source)
     source.seek(0)
-    images.serve_encoded_images(source, sink)
+    worker_pool.serve("input_pipeline.images:encode_job", source, sink)
     sink.seek(0)
     first, second = pickle.load(sink), pickle.load(sink)
     assert np.asarray(Image.open(io.BytesIO(first[0].png))).shape == (20, 10)
