@@ -5,10 +5,11 @@
 
 How a report is labelled (the CheXpert recipe: mention, classify, aggregate):
 
-1. Sections. When the report has MIMIC-style headers ("INDICATION:", "FINDINGS:"), the
-   sections that do not describe the image (`NON_CLINICAL_SECTIONS`: examination,
-   indication, history, comparison, technique) are dropped: "eval for pneumonia" in the
-   indication is a question, not a finding.
+1. Sections. When the report has headers ("INDICATION:", "Findings:", a bare "FINDINGS"
+   line: `reports.sections`, the builders' parser; any other capitalised "WORD:" at a
+   line start also ends a section), the sections that do not describe the image
+   (`NON_CLINICAL_SECTIONS`: examination, indication, history, comparison, technique)
+   are dropped: "eval for pneumonia" in the indication is a question, not a finding.
 2. Clauses. The text is cut into sentences (".", ";", "?", "!", new lines; a period
    between digits stays) and each sentence into clauses at words that end a
    negation's reach ("but", "however", "although", "which", "there is", ...).
@@ -55,16 +56,19 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from input_pipeline import reports
 from input_pipeline.findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 NO_FINDING = "No Finding"
 NOT_PATHOLOGIES = (NO_FINDING, "Support Devices")  # Do not block "No Finding".
 
+# Headers whose sections are dropped. Not "FINAL REPORT": a title line, whose "section"
+# (up to the next header) is the report itself when nothing else heads it.
 NON_CLINICAL_SECTIONS = (
     "EXAMINATION", "EXAM", "INDICATION", "INDICATIONS", "HISTORY", "CLINICAL HISTORY",
     "CLINICAL INFORMATION", "REASON FOR EXAM", "REASON FOR EXAMINATION", "COMPARISON",
-    "COMPARISONS", "TECHNIQUE", "PROCEDURE", "FINAL REPORT", "WET READ", "NOTIFICATION",
+    "COMPARISONS", "TECHNIQUE", "PROCEDURE", "WET READ", "NOTIFICATION",
 )
 
 # How many words a negation after the mention may be away ("the pneumothorax previously
@@ -250,9 +254,11 @@ _CLAUSE_BREAK = re.compile(
     r"apart from|other than|otherwise|with the exception of)\b"
     r"|,? \b(?:there (?:is|are|has been|have been)|this is|these are)\b"
 )
-# Sentence ends: . ; ? ! and new lines (a period between digits is a decimal point).
-_SENTENCE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)|[;?!\n]")
-_SECTION_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /]*[A-Z])[ \t]*:", re.MULTILINE)
+# Where a cue's reach ends: . ; ? ! and new lines (a period between digits is a decimal
+# point). More breaks than the sentences of `reports.split_sentences` on purpose: a
+# negation must not reach into the next sentence when that one starts in lower case or
+# follows without a space ("No effusion. cardiomegaly is present.").
+_SCOPE_END = re.compile(r"(?<!\d)\.|\.(?!\d)|[;?!\n]")
 
 _COMPILED_MENTIONS = {name: re.compile(regex) for name, regex in _MENTIONS.items()}
 _COMPILED_QUALIFIED = {
@@ -273,16 +279,13 @@ class Mention:
 
 
 def clinical_text(report: str) -> str:
-    """The report without the sections that do not describe the image."""
-    headers = list(_SECTION_HEADER.finditer(report))
-    if not headers:
+    """The report without the sections that do not describe the image (headers found by
+    `reports.sections`; any capitalised "WORD:" at a line start also ends a section)."""
+    preamble, found = reports.sections(report, other_headers=True)
+    if not found:
         return report
-    parts = [report[:headers[0].start()]]
-    for header, following in zip(headers, headers[1:] + [None], strict=True):
-        end = following.start() if following else len(report)
-        if header.group(1).strip() not in NON_CLINICAL_SECTIONS:
-            parts.append(report[header.end():end])
-    return "\n".join(parts)
+    return "\n".join([preamble] + [s.text for s in found
+                                    if s.name.upper() not in NON_CLINICAL_SECTIONS])
 
 
 def clauses(text: str) -> list[str]:
@@ -291,7 +294,7 @@ def clauses(text: str) -> list[str]:
     text = re.sub(r"\bvs\.", "versus", text)
     text = re.sub(r"\s*-\s*(?=\w)", "-", text)  # "top - normal" -> "top-normal"
     result = []
-    for sentence in _SENTENCE_BREAK.split(text):
+    for sentence in _SCOPE_END.split(text):
         sentence = " ".join(sentence.split())
         start = 0
         for cut in _CLAUSE_BREAK.finditer(sentence):

@@ -40,6 +40,7 @@ import re
 from typing import NamedTuple
 
 FINDINGS, IMPRESSION, EXCLUDED = "findings", "impression", "excluded"
+OTHER = "other"  # A capitalised "WORD:" at a line start that is none of the known headers.
 
 _FINDINGS_HEADERS = (
     "findings and impressions", "findings and impression", "findings/impressions",
@@ -76,8 +77,19 @@ _COLON_HEADER = re.compile(rf"(?:^|(?<=[.!?;:]))[ \t]*(?P<name>{_NAMES})[ \t]*:"
                            re.IGNORECASE | re.MULTILINE)
 # "NAME" alone on its line (no colon).
 _LINE_HEADER = re.compile(rf"^[ \t]*(?P<name>{_NAMES})[ \t]*$", re.IGNORECASE | re.MULTILINE)
+# Any capitalised "NAME:" at a line start ("LUNGS:", "HEART:"): only `sections(...,
+# other_headers=True)` counts it.
+_OTHER_HEADER = re.compile(r"^[ \t]*(?P<name>[A-Z][A-Z /]*[A-Z])[ \t]*:", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _PLACEHOLDER = re.compile(r"_{2,}")
+
+
+class Section(NamedTuple):
+    """One section of a report: its header's name (lower case), kind and raw text."""
+
+    name: str
+    kind: str  # FINDINGS, IMPRESSION, EXCLUDED or OTHER
+    text: str
 
 
 class Sections(NamedTuple):
@@ -98,17 +110,16 @@ def parse_report(text: str) -> Sections:
     """Sections of a report (see the module docstring for headers and the fallback)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     report = clean_report(text)
-    headers = _find_headers(text)
+    _, found = sections(text)
     parts = {FINDINGS: [], IMPRESSION: []}
-    for k, (_, end, kind) in enumerate(headers):
-        stop = headers[k + 1][0] if k + 1 < len(headers) else len(text)
-        if kind in parts:
-            parts[kind].append(text[end:stop])
+    for section in found:
+        if section.kind in parts:
+            parts[section.kind].append(section.text)
     findings = clean_section(" ".join(parts[FINDINGS]))
     impression = clean_section(" ".join(parts[IMPRESSION]))
     if findings or impression:
         return Sections(findings, impression, report)
-    if not headers:
+    if not found:
         return Sections(clean_section(text), "", report, used_fallback=True)
     return Sections(_last_body_paragraph(text), "", report, used_fallback=True)
 
@@ -192,15 +203,34 @@ def _is_abbreviation_or_marker(before: str) -> bool:
     return words[-1].lower().lstrip("(") in _ABBREVIATIONS
 
 
-def _find_headers(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, kind) of every known header, in order, overlaps resolved."""
+def sections(text: str, *, other_headers: bool = False) -> tuple[str, list[Section]]:
+    """(the text before the first header, every section in order): each known header
+    (see the module docstring) starts one, running to the next header; with
+    `other_headers`, any other capitalised "WORD:" at a line start does too (kind OTHER)."""
+    headers = _find_headers(text, other_headers)
+    if not headers:
+        return text, []
+    found = [Section(name, kind, text[end:headers[k + 1][0] if k + 1 < len(headers)
+                                      else len(text)])
+             for k, (_, end, kind, name) in enumerate(headers)]
+    return text[:headers[0][0]], found
+
+
+def _find_headers(text: str, other_headers: bool = False
+                  ) -> list[tuple[int, int, str, str]]:
+    """(start, end, kind, name) of every header, in order, overlaps resolved."""
     found = []
     for pattern in (_COLON_HEADER, _LINE_HEADER):
         for m in pattern.finditer(text):
             name = " ".join(m.group("name").lower().split())
-            found.append((m.start("name"), m.end(), _HEADER_KIND[name]))
+            found.append((m.start("name"), m.end(), _HEADER_KIND[name], name))
+    if other_headers:
+        for m in _OTHER_HEADER.finditer(text):
+            name = " ".join(m.group("name").lower().split())
+            if name not in _HEADER_KIND:
+                found.append((m.start("name"), m.end(), OTHER, name))
     found.sort()
-    headers: list[tuple[int, int, str]] = []
+    headers: list[tuple[int, int, str, str]] = []
     for header in found:
         if headers and header[0] < headers[-1][1]:
             continue

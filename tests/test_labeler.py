@@ -109,6 +109,16 @@ SENTENCES = [
     ("INDICATION: Evaluate for pneumonia.\n\nFINDINGS: The lungs are clear. No pleural "
      "effusion.\n\nIMPRESSION: No acute cardiopulmonary process.",
      {"Pleural Effusion": N, "No Finding": P}),
+    ("Indication: rule out pneumonia.\nFindings: Lungs clear.", {"No Finding": P}),
+    ("Cough. COMPARISON: Pneumonia in 2019. FINDINGS: No effusion.",
+     {"Pleural Effusion": N, "No Finding": P}),
+    ("EXAMINATION: CHEST\nINDICATION: ? pneumonia\n\nFINDINGS\nSmall effusion.",
+     {"Pleural Effusion": P}),
+    # Any capitalised header ends a section; a title line is not a section to drop.
+    ("INDICATION: Cough.\nLUNGS: Small effusion.", {"Pleural Effusion": P}),
+    ("FINAL REPORT\nModerate cardiomegaly.", {"Cardiomegaly": P}),
+    # A negation stops at a sentence end, even before a lower-case sentence.
+    ("No effusion. cardiomegaly is present.", {"Pleural Effusion": N, "Cardiomegaly": P}),
 ]
 
 

@@ -2,7 +2,16 @@
 
 import pytest
 
-from input_pipeline.reports import Sections, clean_section, parse_report, split_sentences
+from input_pipeline.reports import (
+    EXCLUDED,
+    FINDINGS,
+    OTHER,
+    Sections,
+    clean_section,
+    parse_report,
+    sections,
+    split_sentences,
+)
 
 MIMIC_REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -106,3 +115,17 @@ def test_clean_section(raw, clean):
 ])
 def test_split_sentences(text, sentences):
     assert split_sentences(text) == sentences
+
+
+def test_sections_with_and_without_other_headers():
+    text = "Portable film.\nINDICATION: Cough.\nLUNGS: Clear.\nFindings: No effusion."
+    preamble, found = sections(text)
+    assert preamble == "Portable film.\n"
+    assert [(s.name, s.kind, s.text) for s in found] == [
+        ("indication", EXCLUDED, " Cough.\nLUNGS: Clear.\n"),
+        ("findings", FINDINGS, " No effusion.")]
+    _, found = sections(text, other_headers=True)
+    assert [(s.name, s.kind) for s in found] == [
+        ("indication", EXCLUDED), ("lungs", OTHER), ("findings", FINDINGS)]
+    assert found[1].text == " Clear.\n"
+    assert sections("No headers here.") == ("No headers here.", [])
