@@ -7,6 +7,10 @@ Prepares the records of `config.data` (opening them if already there) and prints
 split's size and the build report's path. The tokenizer is trained later, by
 `pipeline.prepare` (or `python -m input_pipeline.train_tokenizer`). Building a large
 dataset once, before a multi-host launch, keeps every host from building it itself.
+
+A command-line entry point: it joins the experiment files (`jaxmedclip.config_lib`,
+imported in `main`) to the builders, as the training CLI does. The library modules of
+input_pipeline import nothing of jaxmedclip beyond `vocabulary` and `batch_schema`.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ Builds (or opens) `config.data`'s dataset, trains a `data.tokenizer_type` model 
 most `data.vocab_size` pieces on each study's report in `--split`, and writes it to
 `--out`, by default where `pipeline.prepare` looks for it (beside the records), replacing
 the model there. Prints the path and the vocabulary size.
+
+A command-line entry point like `input_pipeline.build`: `jaxmedclip.config_lib` (the
+experiment files) is imported in `main` only.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import io
 import os
 import socket
 import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -484,3 +485,20 @@ def test_tfrecord_datasets_are_refused_with_a_remedy(tmp_path, prepared):
         pipeline.make_dataset(data_config(tmp_path), builder, prepared[1], "train",
                               global_batch_size=4, train=True, seed=0, process_index=0,
                               process_count=1)
+
+
+def test_library_modules_import_only_the_shared_jaxmedclip_modules():
+    # The core and the data side meet only in vocabulary.py and batch_schema.py; the two
+    # command-line entry points (build, train_tokenizer) load experiment files in main().
+    code = (
+        "import importlib, pkgutil, sys, input_pipeline\n"
+        "names = [m.name for m in pkgutil.walk_packages(input_pipeline.__path__, "
+        "'input_pipeline.')]\n"
+        "assert 'input_pipeline.stages.batch' in names, names\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "core = sorted(m for m in sys.modules if m.split('.')[0] == 'jaxmedclip')\n"
+        "assert core == ['jaxmedclip', 'jaxmedclip.batch_schema', 'jaxmedclip.vocabulary'], "
+        "core\n")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)
