@@ -4,6 +4,7 @@ for every config switch, in training and evaluation."""
 import ml_collections
 import numpy as np
 import pytest
+from pipeline_reference import synthetic_data_config
 
 from input_pipeline import pipeline
 from jaxmedclip.batch_schema import batch_fields, mismatches
@@ -13,12 +14,7 @@ AUGMENT = dict(crop_scale=(0.5, 1.0), rotation_degrees=10.0, brightness=0.1)
 
 
 def data_config(data_dir, **overrides):
-    return ml_collections.ConfigDict({**dict(
-        name="synthetic_cxr", data_dir=str(data_dir),
-        synthetic=dict(num_train=24, num_validation=4, num_test=4, source_image_size=32,
-                       seed=0),
-        image_size=32, image_mean=0.5, image_std=0.25, text="sentences", max_text_len=40,
-        vocab_size=256, tokenizer_type="unigram"), **overrides})
+    return synthetic_data_config(data_dir, **{"text": "sentences", **overrides})
 
 
 @pytest.fixture(scope="module")

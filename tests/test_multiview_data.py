@@ -2,11 +2,10 @@
 view of the study (or a second augmentation of a one-view study's image) and a second
 text, checked against the records; order and resume stay exact."""
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from pipeline_reference import warp_from_source
+from pipeline_reference import synthetic_data_config, warp_from_source
 
 from input_pipeline import pipeline, tokenizer
 from input_pipeline.augment import AugmentConfig, photometric, uniform
@@ -18,13 +17,8 @@ AUGMENT = dict(crop_scale=(0.5, 1.0), rotation_degrees=10.0, brightness=0.1, con
 
 
 def data_config(data_dir, **overrides):
-    return ml_collections.ConfigDict({**dict(
-        name="synthetic_cxr", data_dir=str(data_dir),
-        synthetic=dict(num_train=24, num_validation=4, num_test=4, source_image_size=32,
-                       seed=0),
-        image_size=32, image_mean=0.5, image_std=0.25, text="sentences", max_text_len=48,
-        vocab_size=256, tokenizer_type="unigram", augment=AUGMENT, multiview=True),
-        **overrides})
+    return synthetic_data_config(data_dir, **{
+        "text": "sentences", "augment": AUGMENT, "multiview": True, **overrides})
 
 
 @pytest.fixture(scope="module")
