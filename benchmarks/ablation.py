@@ -120,10 +120,9 @@ def headline(report: dict[str, Any]) -> dict[str, float | None]:
 
 def train_and_evaluate(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Trains (or resumes / reuses) one run and evaluates its final checkpoint on test."""
-    import numpy as np
 
     from input_pipeline import pipeline
-    from jaxmedclip import checkpointing, evaluate, evaluation, train
+    from jaxmedclip import checkpointing, evaluate, evaluation, training
     from jaxmedclip.evaluation import report as report_lib
 
     directory = run_dir(args.workdir, method, seed, args.steps)
@@ -135,13 +134,7 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace) -> dict
 
     config = run_config(method, seed, args.steps, args.bootstrap_samples)
     builder, tokenizer = pipeline.prepare(config.data)
-    word_starts = None
-    if train.local_loss_enabled(config):
-        from jaxmedclip.methods import local_alignment
-
-        word_starts = local_alignment.word_start_table(tokenizer.pieces)
-        word_starts = np.pad(word_starts, (0, config.data.vocab_size - len(word_starts)))
-    setup = train.build(config, word_starts)
+    setup = training.build(config, tokenizer.pieces)
 
     os.makedirs(directory, exist_ok=True)
     manager = checkpointing.make_manager(directory)
@@ -151,7 +144,7 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace) -> dict
     if start_step < args.steps:
         print(f"[{method} seed {seed}] training steps {start_step}..{args.steps}", flush=True)
         t0 = time.perf_counter()
-        last = train.train(config, directory, setup)
+        last = training.train(config, directory, setup).metrics
         train_s = time.perf_counter() - t0
         times = {"train_wall_s": train_s, "resumed_from_step": start_step, "last": last}
         with open(times_path, "w") as f:

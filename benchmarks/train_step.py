@@ -42,15 +42,15 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def random_batch(config, mesh, seed: int = 0) -> dict:
-    """A global batch of the shapes `train.abstract_batch` describes, sharded like training."""
+    """A global batch of the shapes `training.abstract_batch` describes, sharded like training."""
     import jax
     import numpy as np
 
-    from jaxmedclip import parallel, train
+    from jaxmedclip import parallel, training
 
     rng = np.random.default_rng(seed)
     batch = {}
-    for name, spec in train.abstract_batch(config).items():
+    for name, spec in training.abstract_batch(config).items():
         if name == "tokens":
             value = rng.integers(1, config.data.vocab_size, spec.shape)
         elif name in ("study_id", "text_id"):
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
         ).strip()
     import jax
 
-    from jaxmedclip import config_lib, flops, train, trainer
+    from jaxmedclip import config_lib, flops, training
 
     config = config_lib.config_from_flags(args.config, overrides)
-    setup = train.build(config)
-    state, _ = trainer.create_train_state(
+    setup = training.build(config)
+    state, _ = training.create_train_state(
         setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
     )
     batch = random_batch(config, setup.mesh)

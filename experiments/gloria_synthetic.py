@@ -4,7 +4,7 @@ loss = global contrastive loss + loss.local.weight * local loss, where the local
 lets every word of a report attend over the patch tokens of every image of the global
 batch (`jaxmedclip.methods.local_alignment`, docs/methods.md). `model.local_dim` adds the
 two local projections (patch tokens and token features into one space); the train step
-also needs the tokenizer's word-start table (`word_starts` of `trainer.make_train_step`).
+also needs the tokenizer's word-start table (`word_starts` of `training.make_train_step`).
 
 Everything else is tiny_synthetic's (loaded from the file beside this one, so the two
 stay in sync):

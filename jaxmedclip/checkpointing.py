@@ -5,8 +5,7 @@ Each checkpoint has three items:
 - `state/`: the train state (parameters, optimizer state, step), saved asynchronously and
   restored straight into the mesh's shardings;
 - `data/`: the data position (`DataPosition` as JSON): which batch comes next and what
-  fixes the order of the batches (seed, global batch size), plus a `pipeline` dict the
-  input pipeline may fill with its own iterator state;
+  fixes the order of the batches (seed, global batch size);
 - `config/`: the run's config as JSON, to see what produced a checkpoint.
 
 Retention (`CheckpointPolicy`): the last `keep` checkpoints are kept, and in addition the
@@ -48,21 +47,17 @@ class ResumeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
-    """Where the training data stands after `step` batches.
-
-    The pipeline's order is a function of (seed, global_batch_size, step); `pipeline`
-    holds anything more a pipeline needs to continue exactly (e.g. an iterator state),
-    as JSON-serialisable values.
-    """
+    """Where the training data stands after `step` batches: the pipeline's order is a
+    function of (seed, global_batch_size, step), so these three continue it exactly.
+    (Checkpoints written before may hold more keys; `from_json` ignores them.)"""
 
     step: int
     seed: int
     global_batch_size: int
-    pipeline: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, step: int, **pipeline) -> DataPosition:
-        return cls(int(step), int(config.seed), int(config.global_batch_size), dict(pipeline))
+    def from_config(cls, config: ml_collections.ConfigDict, step: int) -> DataPosition:
+        return cls(int(step), int(config.seed), int(config.global_batch_size))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,9 +142,7 @@ def _join(workdir: str, name: str) -> str:
     return os.path.join(root, name)
 
 
-def make_manager(
-    workdir: str, policy: CheckpointPolicy | None = None, *, read_only: bool = False
-) -> ocp.CheckpointManager:
+def make_manager(workdir: str, policy: CheckpointPolicy | None = None) -> ocp.CheckpointManager:
     """The manager of `<workdir>/checkpoints` (asynchronous saves, `policy` retention)."""
     policy = policy or CheckpointPolicy()
     preserve = [checkpoint_managers.LatestN(n=policy.keep)]
@@ -165,8 +158,7 @@ def make_manager(
             )
         )
     options = ocp.CheckpointManagerOptions(
-        create=not read_only,
-        read_only=read_only,
+        create=True,
         enable_async_checkpointing=True,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(preserve),
         # Set so that orbax stores each checkpoint's metrics and can tell the best step;

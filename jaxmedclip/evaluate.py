@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from jaxmedclip import checkpointing, config_lib, evaluation, models, parallel, train, trainer
+from jaxmedclip import checkpointing, config_lib, evaluation, models, parallel, train, training
 from jaxmedclip.evaluation import report as report_lib
 
 log = logging.getLogger("jaxmedclip.evaluate")
@@ -65,7 +65,7 @@ def model_setup(config: ml_collections.ConfigDict) -> ModelSetup:
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
     model = models.build_model(config.model, config.data)
-    images, tokens = trainer.dummy_inputs(config.data)
+    images, tokens = training.dummy_inputs(config.data)
 
     def init(rng):
         return model.init(
@@ -78,12 +78,12 @@ def model_setup(config: ml_collections.ConfigDict) -> ModelSetup:
 
 
 def restore_params(
-    setup: ModelSetup | train.Setup, workdir: str, step: int | None
+    setup: ModelSetup | training.Setup, workdir: str, step: int | None
 ) -> tuple[Any, int]:
     """The parameters of checkpoint `step` (default: the latest) of `workdir`, sharded.
 
     Only the `params` subtree of the saved train state is read (the optimizer state is
-    not), so a `ModelSetup` is enough; a `train.Setup` works as well.
+    not), so a `ModelSetup` is enough; a `training.Setup` works as well.
     """
     if isinstance(setup, ModelSetup):
         abstract, shardings = setup.abstract_params, setup.param_shardings

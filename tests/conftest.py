@@ -1,5 +1,8 @@
 import importlib.util
+import logging
 import os
+
+import pytest
 
 # Eight fake CPU devices for the sharded tests; must be set before jax is imported.
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -12,3 +15,16 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 # (tests/test_export_cli.py checks it in a fresh process).
 if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """`python -m jaxmedclip.train`'s `main` points the package logger at the stdout of its
+    process; tests that call `main` must not leave it pointing at a captured stream that
+    pytest has closed, or later tests' log records go nowhere."""
+    logger = logging.getLogger("jaxmedclip")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate

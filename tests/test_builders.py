@@ -385,7 +385,7 @@ def test_build_cli_prepares_a_manifest_config(tmp_path, capsys):
 def test_train_runs_on_a_mimic_tree(tmp_path):
     """The reference recipe, shrunk, trains end to end on a MIMIC-CXR-style tree: builder,
     tokenizer, 16-bit images, sentence sampling, augmentation, checkpoint."""
-    from jaxmedclip import config_lib, train
+    from jaxmedclip import config_lib, training
 
     mimic_tree(tmp_path / "raw")
     config = config_lib.config_from_flags(
@@ -402,7 +402,7 @@ def test_train_runs_on_a_mimic_tree(tmp_path):
             "log_every=1",
         ],
     )
-    train.train(config, str(tmp_path / "work"))
+    training.train(config, str(tmp_path / "work"))
     with open(tmp_path / "work" / "metrics.jsonl") as f:
         lines = [json.loads(line) for line in f]
     losses = [line["loss"] for line in lines if "loss" in line]

@@ -9,12 +9,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxmedclip import checkpointing, trainer
+from jaxmedclip import checkpointing, training
 
 
-def _state(step: int, value: float = 1.0) -> trainer.TrainState:
+def _state(step: int, value: float = 1.0) -> training.TrainState:
     params = {"w": jnp.full((16, 4), value, jnp.float32), "b": jnp.arange(4.0) * value}
-    return trainer.TrainState(
+    return training.TrainState(
         step=jnp.asarray(step, jnp.int32), params=params, opt_state={"mu": params}
     )
 
@@ -63,9 +63,12 @@ def test_checkpoint_holds_state_data_position_and_config(tmp_path):
     manager.close()
 
 
-def test_data_position_round_trips_extra_pipeline_state():
-    position = checkpointing.DataPosition(5, 1, 64, pipeline={"epoch": 2, "offset": 17})
+def test_data_position_round_trips_and_reads_older_checkpoints():
+    position = checkpointing.DataPosition(5, 1, 64)
     assert checkpointing.DataPosition.from_json(position.to_json()) == position
+    # Checkpoints of earlier versions also held a "pipeline" dict (never filled).
+    older = {"step": 5, "seed": 1, "global_batch_size": 64, "pipeline": {}}
+    assert checkpointing.DataPosition.from_json(older) == position
 
 
 def test_resume_with_another_seed_or_batch_size_is_refused_unless_allowed():

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxmedclip import config_lib, train
+from jaxmedclip import config_lib, train, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "experiments/tiny_synthetic.py"
@@ -140,4 +140,4 @@ def test_bad_config_stops_before_work(override, message, tmp_path, capsys):
 def test_every_experiment_passes_the_config_checks(spec):
     """Each shipped experiment, as its default options build it, is a config the trainer
     accepts (the checks run before any data is built)."""
-    train.check_config(config_lib.load_config(spec))
+    training.check_config(config_lib.load_config(spec))

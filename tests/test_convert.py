@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from jaxmedclip import convert, models  # noqa: E402
+from jaxmedclip import convert, models, training  # noqa: E402
 from jaxmedclip.convert import rules  # noqa: E402
 
 SIZE, MAX_LEN, VOCAB, WIDTH = 32, 16, 64, 32
@@ -255,7 +255,7 @@ def test_rules_round_trip_every_vision_table():
 def test_init_from_loads_towers_into_a_sharded_train_state(tmp_path):
     """`config.init_from` in a training config: the image tower comes from the folder, the
     rest keeps its initialisation, and the state stays sharded over the 8-device mesh."""
-    from jaxmedclip import config_lib, train, trainer
+    from jaxmedclip import config_lib
 
     save_random(
         transformers.CLIPModel(
@@ -278,11 +278,11 @@ def test_init_from_loads_towers_into_a_sharded_train_state(tmp_path):
     )
     config.model.image.pre_norm = True
     config.init_from = ml_collections.ConfigDict(dict(path=str(tmp_path), towers=("image",)))
-    setup = train.build(config)
-    fresh, _ = trainer.create_train_state(
+    setup = training.build(config)
+    fresh, _ = training.create_train_state(
         setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
     )
-    loaded = train.init_from_pretrained(config, fresh, setup)
+    loaded = training.init_from_pretrained(config, fresh, setup)
     expected = convert.load_pretrained(
         jax.device_get(fresh.params), str(tmp_path), towers=("image",)
     )

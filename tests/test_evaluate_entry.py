@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmedclip import config_lib, evaluate, evaluation, models, parallel, train, trainer
+from jaxmedclip import config_lib, evaluate, evaluation, models, parallel, train, training
 from jaxmedclip.evaluation import embed
 
 TINY = {
@@ -56,7 +56,7 @@ def test_embedder_matches_unsharded_model_and_drops_padding():
     assert parallel.batch_shards(mesh) == 8
     rules = parallel.logical_rules(config)
     model = models.build_model(config.model, config.data)
-    images, tokens = trainer.dummy_inputs(config.data, 16)
+    images, tokens = training.dummy_inputs(config.data, 16)
     rng = np.random.default_rng(0)
 
     def batch(mask):
@@ -113,7 +113,7 @@ def _experiment_file(tmp_path):
     path = tmp_path / "tiny_eval.py"
     path.write_text(
         textwrap.dedent(f"""
-        from jaxmedclip import config_lib, evaluation
+        from jaxmedclip import config_lib, evaluation, training
 
         def get_config(arg=None):
             config = config_lib.load_config("experiments/tiny_synthetic.py:runlocal")
@@ -211,7 +211,7 @@ def test_evaluate_entry_writes_report(tmp_path, capsys):
 
     # What the training loop calls: flat scalars, and a report per split when given a workdir.
     config = config_lib.load_config(experiment)
-    setup = train.build(config)
+    setup = training.build(config)
     params, step = evaluate.restore_params(setup, str(workdir), None)
     builder, tokenizer = pipeline.prepare(config.data)
     flat = evaluation.evaluate(

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from input_pipeline import synthetic_cxr  # noqa: E402
 from input_pipeline.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
-from jaxmedclip import checkpointing, config_lib, export, models, train, trainer  # noqa: E402
+from jaxmedclip import checkpointing, config_lib, export, models, training  # noqa: E402
 
 SIZE, MAX_LEN, VOCAB = 32, 24, 256
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,8 +102,8 @@ def noisy(params):
 
 def write_checkpoint(config, workdir):
     """A real orbax checkpoint (step 3) in `workdir`, as training writes it."""
-    setup = train.build(config)
-    state, _ = trainer.create_train_state(
+    setup = training.build(config)
+    state, _ = training.create_train_state(
         setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
     )
     state = state.replace(params=noisy(state.params), step=state.step + 3)
@@ -140,7 +140,7 @@ def export_directly(experiment, variant, fmt, spm_model, tmp_path):
     """Params from `build_model` (no checkpoint) -> `export.export`."""
     config = config_lib.load_config(f"{experiment}:{variant}")
     model = models.build_model(config.model, config.data)
-    images, tokens = trainer.dummy_inputs(config.data)
+    images, tokens = training.dummy_inputs(config.data)
     variables = model.init(
         jax.random.key(0), jnp.zeros(images.shape), jnp.zeros(tokens.shape, jnp.int32)
     )

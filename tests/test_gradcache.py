@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmedclip import config_lib, models, optim, parallel, trainer
+from jaxmedclip import config_lib, models, optim, parallel, training
 
 GLOBAL_BATCH = 32
 
@@ -53,7 +53,7 @@ class Setup:
         self.rules = parallel.logical_rules(config)
         self.model = models.build_model(config.model, config.data)
         self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
-        self.state, self.shardings = trainer.create_train_state(
+        self.state, self.shardings = training.create_train_state(
             self.model, self.tx, config.data, self.mesh, self.rules, seed=0
         )
         self.batch = parallel.host_to_global(_batch(config), self.mesh)
@@ -64,7 +64,7 @@ class Setup:
 
     def grads(self, impl, microbatch_size, **loss_fields):
         """(loss, metrics, grads) on the host; microbatch_size None: the full batch."""
-        fn = trainer.make_loss_and_grads(
+        fn = training.make_loss_and_grads(
             self.model, self.loss_config(impl, **loss_fields), self.mesh,
             microbatch_size=microbatch_size
         )
@@ -83,10 +83,10 @@ class Setup:
         state = state or self.state
         shardings = self.shardings
         if tx is not self.tx:
-            shardings = trainer.TrainState(
+            shardings = training.TrainState(
                 step=shardings.step, params=shardings.params, opt_state=tx.init(state.params)
             )
-        step = trainer.make_train_step(
+        step = training.make_train_step(
             self.model,
             tx,
             self.schedule,
@@ -158,7 +158,7 @@ def test_train_step_applies_the_full_batch_gradients(setup):
     _, _, grads = setup.reference("ring")
     params = jax.device_get(setup.state.params)
     sgd = optax.sgd(1.0)
-    state = trainer.TrainState(
+    state = training.TrainState(
         step=setup.state.step, params=setup.state.params, opt_state=sgd.init(setup.state.params)
     )
     compiled, state = setup.train_step("ring", GLOBAL_BATCH // 4, tx=sgd, state=state)
@@ -185,7 +185,7 @@ def test_adamw_step_equals_full_batch_step(setup):
 
 
 def test_bad_microbatch_size_is_a_clear_error(setup):
-    make = lambda size: trainer.make_train_step(
+    make = lambda size: training.make_train_step(
         setup.model,
         setup.tx,
         setup.schedule,

@@ -14,7 +14,7 @@ from PIL import Image
 from input_pipeline import label_prompts, labeler, pipeline, tokenizer
 from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.stages.source import EpochOrder
-from jaxmedclip import config_lib, train
+from jaxmedclip import config_lib, training
 
 GLOBAL_BATCH = 8
 
@@ -184,18 +184,18 @@ def test_text_only_refusals(data_dir):
     config = config_lib.load_config("experiments/medclip_synthetic.py:runlocal,"
                                     "text_fraction=0.25")
     assert config.data.decoupled.text_only_fraction == 0.25
-    train.check_config(config)
+    training.check_config(config)
     for targets in ("one_hot", "multi_positive"):
         other = config_lib.apply_overrides(config, [f"loss.targets={targets}"])
         with pytest.raises(ValueError, match=rf"text_only_fraction=0.25 needs loss.targets="
                                              rf"'soft_labels'.*loss.targets='{targets}'"):
-            train.check_config(other)
+            training.check_config(other)
     local = ml_collections.ConfigDict(config.to_dict())
     local.loss.local = ml_collections.ConfigDict(dict(weight=1.0))
     with pytest.raises(ValueError, match=r"text_only_fraction=0.25 with loss.local"):
-        train.check_config(local)
+        training.check_config(local)
     local.loss.local.weight = 0.0  # The local term switched off: fine.
-    train.check_config(local)
+    training.check_config(local)
 
 
 class LabelOnly(tfds.core.GeneratorBasedBuilder):

@@ -141,9 +141,9 @@ def test_slurm_script_is_valid_bash_with_the_expected_srun_line(
 
 
 def _final_params(workdir, config):
-    from jaxmedclip import checkpointing, train
+    from jaxmedclip import checkpointing, training
 
-    setup = train.build(config)
+    setup = training.build(config)
     manager = checkpointing.make_manager(str(workdir))
     state, step = checkpointing.restore(manager, setup.abstract_state, setup.shardings)
     manager.close()

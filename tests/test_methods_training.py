@@ -24,7 +24,7 @@ import pytest
 
 from input_pipeline import synthetic_cxr
 from input_pipeline import tokenizer as tokenizer_lib
-from jaxmedclip import config_lib, losses, models, optim, parallel, train, trainer
+from jaxmedclip import config_lib, losses, models, optim, parallel, training
 from jaxmedclip.methods import local_alignment as la
 
 GLOBAL_BATCH = 16
@@ -120,7 +120,7 @@ class Setup:
         self.mesh = parallel.make_mesh(self.config.mesh)
         self.rules = parallel.logical_rules(self.config)
         self.model = _build_model(self.config)
-        self.state, self.shardings = trainer.create_train_state(
+        self.state, self.shardings = training.create_train_state(
             self.model, optax.sgd(1.0), self.config.data, self.mesh, self.rules, seed=0
         )
         self.host_batch = _random_batch(self.config)
@@ -150,7 +150,7 @@ def test_local_loss_train_step_equals_dense_reference(setup, impl):
     """One SGD step at learning rate 1 on data=8: params - grads, grads of the reference."""
     loss_config = ml_collections.ConfigDict(setup.config.loss.to_dict())
     loss_config.impl = impl
-    step = trainer.make_train_step(
+    step = training.make_train_step(
         setup.model, optax.sgd(1.0), lambda _: 1.0, loss_config, setup.mesh, setup.rules,
         setup.shardings, word_starts=setup.word_starts,
     )
@@ -175,7 +175,7 @@ def test_local_loss_train_step_equals_dense_reference(setup, impl):
 @pytest.mark.slow
 def test_local_loss_with_gradcache_equals_dense_reference(setup):
     """GradCache (2 micro-batches) caches patch and token features too: same gradients."""
-    fn = trainer.make_loss_and_grads(
+    fn = training.make_loss_and_grads(
         setup.model, setup.config.loss, setup.mesh, microbatch_size=GLOBAL_BATCH // 2,
         word_starts=setup.word_starts,
     )
@@ -190,19 +190,19 @@ def test_local_loss_with_gradcache_equals_dense_reference(setup):
 def test_local_loss_needs_model_projections_and_word_starts(setup):
     mesh, loss_config = setup.mesh, setup.config.loss
     with pytest.raises(ValueError, match=r"needs the tokenizer's word-start table"):
-        trainer.make_loss_and_grads(setup.model, loss_config, mesh)
+        training.make_loss_and_grads(setup.model, loss_config, mesh)
     plain = setup.model.clone(local_dim=None)
     with pytest.raises(ValueError, match=r"set model.local_dim"):
-        trainer.make_loss_and_grads(plain, loss_config, mesh, word_starts=setup.word_starts)
+        training.make_loss_and_grads(plain, loss_config, mesh, word_starts=setup.word_starts)
     bad = ml_collections.ConfigDict(loss_config.to_dict())
     bad.local.t4 = 1.0
     with pytest.raises(ValueError, match=r"loss.local has unknown fields \['t4'\]"):
-        trainer.make_loss_and_grads(setup.model, bad, mesh, word_starts=setup.word_starts)
+        training.make_loss_and_grads(setup.model, bad, mesh, word_starts=setup.word_starts)
     # Weight 0 (or no loss.local) is the plain global loss: nothing else is needed.
     off = ml_collections.ConfigDict(loss_config.to_dict())
     off.local.weight = 0.0
-    assert trainer.LocalTerm.from_config(off, None, plain) is None
-    assert trainer.LocalTerm.from_config(setup.config.loss, setup.word_starts, setup.model)
+    assert training.LocalTerm.from_config(off, None, plain) is None
+    assert training.LocalTerm.from_config(setup.config.loss, setup.word_starts, setup.model)
 
 
 # ------------------------------------------------------------------- default configs unchanged
@@ -212,7 +212,7 @@ DEFAULT_PARAMS = {"bias", "image_proj", "image_tower", "log_scale", "text_proj",
 
 
 def _param_shapes(model, config):
-    images, tokens = trainer.dummy_inputs(config.data, 2)
+    images, tokens = training.dummy_inputs(config.data, 2)
     variables = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
     return jax.tree.map(lambda x: x.shape, nn.unbox(variables["params"]))
 
@@ -300,6 +300,7 @@ def _study_batch(config, studies, model_path):
         "labels": np.where(present, labels, 0.0).astype(np.float32),
         "labels_present": present,
         "mask": np.ones((b,), bool),
+        "num_skipped": np.zeros((b,), np.int32),
     }
 
 
@@ -319,8 +320,8 @@ def _train(config, batch, word_starts=None, steps=5):
     rules = parallel.logical_rules(config)
     model = _build_model(config)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-    state, shardings = trainer.create_train_state(model, tx, config.data, mesh, rules, seed=0)
-    step = trainer.make_train_step(
+    state, shardings = training.create_train_state(model, tx, config.data, mesh, rules, seed=0)
+    step = training.make_train_step(
         model, tx, schedule, config.loss, mesh, rules, shardings, word_starts=word_starts
     )
     history = []
@@ -396,7 +397,7 @@ def test_cxrclip_config_trains_with_multiview_terms(studies, sentencepiece_model
     assert (weights.image_text_weight, weights.image_image_weight,
             weights.text_text_weight) == (1.0, 1.0, 0.5)
     batch = _multiview_batch(config, studies, sentencepiece_model)
-    assert set(batch) == set(train.abstract_batch(config))
+    assert set(batch) == set(training.abstract_batch(config))
     assert any(len(s.views) == 2 for s in studies[:GLOBAL_BATCH])
     history = _train(config, batch)
     loss = [float(m["loss"]) for m in history]
@@ -413,24 +414,24 @@ def test_cxrclip_config_trains_with_multiview_terms(studies, sentencepiece_model
 
 def test_multiview_refusals(setup):
     config = config_lib.load_config("experiments/cxrclip_synthetic.py:runlocal")
-    train.check_config(config)
+    training.check_config(config)
     no_views = config_lib.apply_overrides(config, ["data.multiview=False"])
     with pytest.raises(ValueError, match=r"loss.multiview .* set data.multiview=True"):
-        train.check_config(no_views)
+        training.check_config(no_views)
     no_loss = ml_collections.ConfigDict(config.to_dict())
     del no_loss.loss["multiview"]
     with pytest.raises(ValueError, match=r"data.multiview=True .* set loss.multiview"):
-        train.check_config(no_loss)
+        training.check_config(no_loss)
     loss_config = ml_collections.ConfigDict(config.loss.to_dict())
     with pytest.raises(ValueError, match=r"does not support GradCache .* microbatch_size=None"):
-        trainer.make_loss_and_grads(setup.model, loss_config, setup.mesh, microbatch_size=8)
+        training.make_loss_and_grads(setup.model, loss_config, setup.mesh, microbatch_size=8)
     loss_config.local = ml_collections.ConfigDict(LOCAL)
     with pytest.raises(ValueError, match=r"loss.multiview and loss.local are not supported"):
-        trainer.make_loss_and_grads(setup.model, loss_config, setup.mesh,
+        training.make_loss_and_grads(setup.model, loss_config, setup.mesh,
                                     word_starts=setup.word_starts)
     # A batch without the second view and text names the data switch.
     plain = ml_collections.ConfigDict(config.loss.to_dict())
-    fn = trainer.make_loss_and_grads(setup.model, plain, setup.mesh)
+    fn = training.make_loss_and_grads(setup.model, plain, setup.mesh)
     with pytest.raises(ValueError, match=r"\['image2', 'tokens2'\].*data.multiview=True"):
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             jax.eval_shape(fn, setup.state.params, setup.batch)
@@ -445,7 +446,7 @@ def test_medclip_config_trains_with_text_only_rows(studies, sentencepiece_model)
         [f"global_batch_size={GLOBAL_BATCH}", "optim.warmup_steps=1", "optim.learning_rate=3e-4"],
     )
     assert config.data.decoupled.text_only_fraction == 0.25
-    train.check_config(config)
+    training.check_config(config)
     batch = _study_batch(config, studies, sentencepiece_model)
     # A quarter of the rows are reports without their image, as the pipeline chooses them
     # (rows with a non-zero label row).
@@ -454,7 +455,7 @@ def test_medclip_config_trains_with_text_only_rows(studies, sentencepiece_model)
     text_only[np.random.default_rng(0).choice(labelled, GLOBAL_BATCH // 4, replace=False)] = True
     batch.update(label_prompt=np.zeros(GLOBAL_BATCH, bool), image_mask=~text_only,
                  text_mask=np.ones(GLOBAL_BATCH, bool))
-    assert set(batch) == set(train.abstract_batch(config))
+    assert set(batch) == set(training.abstract_batch(config))
     history = _train(config, batch)
     loss = [float(m["loss"]) for m in history]
     assert all(np.isfinite(loss)) and loss[-1] < loss[0], loss
@@ -467,7 +468,7 @@ def test_image_masks_reach_the_loss_in_the_step_and_gradcache():
                                                  targets="soft_labels"))
     mesh, rules = parallel.make_mesh(config.mesh), parallel.logical_rules(config)
     model = _build_model(config)
-    state, _ = trainer.create_train_state(model, optax.sgd(1.0), config.data, mesh, rules,
+    state, _ = training.create_train_state(model, optax.sgd(1.0), config.data, mesh, rules,
                                           seed=0)
     rng = np.random.default_rng(1)
     batch = _random_batch(config)
@@ -483,7 +484,7 @@ def test_image_masks_reach_the_loss_in_the_step_and_gradcache():
                                                                                    mesh))
         return float(loss), jax.device_get(grads)
 
-    full = trainer.make_loss_and_grads(model, config.loss, mesh)
+    full = training.make_loss_and_grads(model, config.loss, mesh)
     loss, grads = run(full, batch)
     # A masked image is not seen: other pixels there give the same loss and gradients.
     noisy_loss, noisy_grads = run(full, noisy)
@@ -492,7 +493,7 @@ def test_image_masks_reach_the_loss_in_the_step_and_gradcache():
     unmasked_loss, _ = run(full, {k: v for k, v in noisy.items() if k != "image_mask"})
     assert abs(unmasked_loss - loss) > 1e-3
     # GradCache computes the loss on the whole batch's embeddings: the same masks apply.
-    micro = trainer.make_loss_and_grads(model, config.loss, mesh,
+    micro = training.make_loss_and_grads(model, config.loss, mesh,
                                         microbatch_size=GLOBAL_BATCH // 2)
     micro_loss, micro_grads = run(micro, noisy)
     np.testing.assert_allclose(micro_loss, loss, rtol=1e-5, atol=1e-5)

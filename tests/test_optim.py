@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmedclip import config_lib, models, optim, trainer
+from jaxmedclip import config_lib, models, optim, training
 
 LR = 1e-3
 SHALLOW = ("model.image.depth=1", "model.text.depth=1")  # Fewer leaves: faster jit.
@@ -45,7 +45,7 @@ def _params(*overrides, abstract=False):
     """The tiny model's (unboxed) parameter tree: shapes only, or random values."""
     config = _model_config(*overrides)
     model = models.build_model(config.model, config.data)
-    images, tokens = trainer.dummy_inputs(config.data)
+    images, tokens = training.dummy_inputs(config.data)
 
     def init(rng):
         variables = model.init(rng, jnp.zeros(images.shape), jnp.zeros(tokens.shape, jnp.int32))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmedclip import checkpointing, config_lib, flops, train
+from jaxmedclip import checkpointing, config_lib, flops, train, training
 
 TINY = "experiments/tiny_synthetic.py:runlocal"
 
@@ -40,7 +40,7 @@ def _metrics(workdir):
 def test_short_run_on_eight_devices_lowers_the_loss(data_dir, tmp_path):
     assert jax.device_count() == 8
     config = _config(data_dir, "total_steps=100", "log_every=10", "optim.warmup_steps=10")
-    train.train(config, str(tmp_path))
+    training.train(config, str(tmp_path))
     records = _metrics(tmp_path)
     assert [r["step"] for r in records] == [1, *range(10, 101, 10)]
     first = records[0]["loss"]
@@ -57,28 +57,28 @@ def test_short_run_on_eight_devices_lowers_the_loss(data_dir, tmp_path):
 
 
 def _interrupt_after(monkeypatch, step_to_stop):
-    original = train.MetricsWriter.write
+    original = training.metrics.MetricsWriter.write
 
     def write(self, step, metrics):
         original(self, step, metrics)
         if step == step_to_stop:
             os.kill(os.getpid(), signal.SIGTERM)  # Preemption notice mid-run.
 
-    monkeypatch.setattr(train.MetricsWriter, "write", write)
+    monkeypatch.setattr(training.metrics.MetricsWriter, "write", write)
 
 
 def test_preempted_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     overrides = ("total_steps=12", "log_every=2", "optim.warmup_steps=2")
     full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
-    train.train(_config(data_dir, *overrides), full_dir)
+    training.train(_config(data_dir, *overrides), full_dir)
 
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 6)
-        train.train(_config(data_dir, *overrides), resumed_dir)
+        training.train(_config(data_dir, *overrides), resumed_dir)
     manager = checkpointing.make_manager(resumed_dir)
     assert manager.latest_step() == 6  # Saved at the step where the signal arrived.
     manager.close()
-    train.train(_config(data_dir, *overrides), resumed_dir)  # Picks up from step 6.
+    training.train(_config(data_dir, *overrides), resumed_dir)  # Picks up from step 6.
 
     full, resumed = _metrics(full_dir), _metrics(resumed_dir)
     full_losses = {r["step"]: r["loss"] for r in full}
@@ -87,7 +87,7 @@ def test_preempted_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     for step, loss in full_losses.items():
         np.testing.assert_allclose(resumed_losses[step], loss, rtol=1e-5, err_msg=f"step {step}")
 
-    setup = train.build(_config(data_dir, *overrides))
+    setup = training.build(_config(data_dir, *overrides))
     states = []
     for workdir in (full_dir, resumed_dir):
         manager = checkpointing.make_manager(workdir)
@@ -102,7 +102,7 @@ def test_preempted_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
 
 def test_non_finite_step_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     config = _config(data_dir, "total_steps=8", "log_every=4", "checkpoint_every=2")
-    setup = train.build(config)
+    setup = training.build(config)
     step_fn = setup.train_step
 
     def poisoned(state, batch):
@@ -112,7 +112,7 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
         return state, metrics
 
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4.*is step 2"):
-        train.train(config, str(tmp_path), setup._replace(train_step=poisoned))
+        training.train(config, str(tmp_path), setup._replace(train_step=poisoned))
     manager = checkpointing.make_manager(str(tmp_path))
     assert manager.latest_step() == 2
     state, _ = checkpointing.restore(manager, setup.abstract_state, setup.shardings)
@@ -120,7 +120,7 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
 
 
 def _final_params(workdir, config):
-    setup = train.build(config)
+    setup = training.build(config)
     manager = checkpointing.make_manager(str(workdir))
     state, step = checkpointing.restore(manager, setup.abstract_state, setup.shardings)
     manager.close()
@@ -145,7 +145,7 @@ def test_data_fsdp_mesh_trains_like_data_parallel(data_dir, tmp_path):
         ("data4_fsdp2", ("mesh.data=4", "mesh.fsdp=2")),
     ):
         config = _config(data_dir, *overrides, *mesh)
-        train.train(config, str(tmp_path / name))
+        training.train(config, str(tmp_path / name))
         runs[name] = (_losses(tmp_path / name), _final_params(tmp_path / name, config))
     (losses_a, (step_a, params_a)), (losses_b, (step_b, params_b)) = runs.values()
     assert sorted(losses_a) == sorted(losses_b) == list(range(1, 7))
@@ -172,12 +172,12 @@ def test_corrupted_latest_checkpoint_falls_back_and_changed_batch_is_refused(
 ):
     overrides = ("log_every=1", "checkpoint_every=2", "optim.warmup_steps=2")
     workdir = str(tmp_path)
-    train.train(_config(data_dir, "total_steps=6", *overrides), workdir)
+    training.train(_config(data_dir, "total_steps=6", *overrides), workdir)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
     _damage_checkpoint(tmp_path / "checkpoints" / "6")
 
     with caplog.at_level(logging.INFO, logger="jaxmedclip"):
-        train.train(_config(data_dir, "total_steps=8", *overrides), workdir)
+        training.train(_config(data_dir, "total_steps=8", *overrides), workdir)
     assert "checkpoint step 6" in caplog.text and "unreadable" in caplog.text
     assert "resuming from checkpoint step 4" in caplog.text
     steps = [r["step"] for r in _metrics(workdir)]
@@ -188,7 +188,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_changed_batch_is_refused(
 
     config = _config(data_dir, "total_steps=10", "global_batch_size=64", *overrides)
     with pytest.raises(checkpointing.ResumeError, match="global_batch_size=32 in the checkpoint"):
-        train.train(config, workdir)
+        training.train(config, workdir)
 
 
 @pytest.mark.slow
@@ -206,7 +206,7 @@ def test_best_checkpoint_is_kept_besides_the_last(data_dir, tmp_path, monkeypatc
     config = _config(data_dir, "total_steps=8", "log_every=4", "eval.every_steps=2")
     config.checkpoint_keep = 1
     config.checkpoint_best_metric = "eval/zero_shot_mean_auc"
-    train.train(config, str(tmp_path))
+    training.train(config, str(tmp_path))
     assert calls == [2, 4, 6, 8]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
     manager = checkpointing.make_manager(

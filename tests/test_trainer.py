@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxmedclip import config_lib, models, optim, parallel, trainer
+from jaxmedclip import config_lib, models, optim, parallel, training
 
 
 def _batch(config, seed=0):
@@ -32,8 +32,8 @@ def _run(config, devices, steps=3):
     rules = parallel.logical_rules(config)
     model = models.build_model(config.model, config.data)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-    state, shardings = trainer.create_train_state(model, tx, config.data, mesh, rules, seed=0)
-    step = trainer.make_train_step(model, tx, schedule, config.loss, mesh, rules, shardings)
+    state, shardings = training.create_train_state(model, tx, config.data, mesh, rules, seed=0)
+    step = training.make_train_step(model, tx, schedule, config.loss, mesh, rules, shardings)
     losses = []
     for _ in range(steps):
         # The same batch each step: the loss on it must fall as the model fits it.
@@ -98,7 +98,7 @@ def test_optim_recipes_under_jit_on_an_fsdp_mesh():
     rules = parallel.logical_rules(config)
     model = models.build_model(config.model, config.data)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-    state, shardings = trainer.create_train_state(model, tx, config.data, mesh, rules, seed=0)
+    state, shardings = training.create_train_state(model, tx, config.data, mesh, rules, seed=0)
     opt_paths = [
         jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
     ]
@@ -106,7 +106,7 @@ def test_optim_recipes_under_jit_on_an_fsdp_mesh():
     # One sharding per array (what orbax restores into): same structure as the state.
     assert jax.tree.structure(shardings) == jax.tree.structure(state)
     before = jax.device_get(state.params)
-    step = trainer.make_train_step(model, tx, schedule, config.loss, mesh, rules, shardings)
+    step = training.make_train_step(model, tx, schedule, config.loss, mesh, rules, shardings)
     for i in range(2):
         state, metrics = step(state, parallel.host_to_global(_batch(config, i), mesh))
     assert np.isfinite(float(metrics["loss"]))
