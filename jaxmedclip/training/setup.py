@@ -77,6 +77,10 @@ class Setup(NamedTuple):
     abstract_state: TrainState
     shardings: TrainState
     train_step: Any
+    # bool [vocab] of `loss.local`: the tokenizer's word starts, or an all-True stand-in
+    # of the same shape before the tokenizer exists (`with_tokenizer` replaces it).
+    word_starts: np.ndarray | None = None
+    word_starts_from_tokenizer: bool = False
 
 
 def local_loss_enabled(config: ml_collections.ConfigDict) -> bool:
