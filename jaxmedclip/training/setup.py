@@ -26,7 +26,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if multiview_enabled(config.loss) and not data_views:
         raise ValueError(
             "loss.multiview (the CXR-CLIP terms) needs a second view and text per example: "
-            "set data.multiview=True (and data.augment; see input_pipeline/multiview.py)"
+            "set data.multiview=True (and data.augment; see input_pipeline/stages/views.py)"
         )
     if data_views and not multiview_enabled(config.loss):
         raise ValueError(

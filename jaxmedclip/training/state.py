@@ -17,6 +17,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from jaxmedclip import batch_schema
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -28,12 +30,11 @@ class TrainState:
 
 
 def dummy_inputs(data_config: ml_collections.ConfigDict, batch: int = 1):
-    """Abstract model inputs of the configured shapes (for init and `eval_shape`)."""
-    size = data_config.image_size
-    channels = data_config.get("num_channels", 1)
-    images = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((batch, data_config.max_text_len), jnp.int32)
-    return images, tokens
+    """Abstract model inputs of the configured shapes (for init and `eval_shape`): the
+    `image` and `tokens` fields of `jaxmedclip.batch_schema`."""
+    fields = batch_schema.batch_fields(data_config, batch)
+    images, tokens = fields["image"], fields["tokens"]
+    return jax.ShapeDtypeStruct(*images), jax.ShapeDtypeStruct(*tokens)
 
 
 def _unbox_empty(tree):
