@@ -20,7 +20,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from input_pipeline.findings import FINDING_INDEX, SYNTHETIC_FINDINGS
 from jaxmedclip import parallel
 from jaxmedclip.evaluation import (
     embed,
@@ -31,6 +30,7 @@ from jaxmedclip.evaluation import (
     retrieval,
     zero_shot,
 )
+from jaxmedclip.vocabulary import FINDING_INDEX, SYNTHETIC_FINDINGS
 
 # CheXpert 5x200 uses Atelectasis, which the synthetic data never draws: Pneumothorax
 # takes its place.
