@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import pipeline
-from jaxmedclip import config_lib, train
+from jaxmedclip import checkpointing, config_lib, train
 from jaxmedclip.methods import local_alignment
 
 SMALL_DATA = [
@@ -53,11 +53,18 @@ def assert_loss_falls(records):
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_experiment_trains_through_main(name, data_dir, tmp_path):
     spec = EXPERIMENTS[name]
-    result, records = run_main(spec, data_dir, str(tmp_path), "--config.total_steps=16")
-    assert [r["step"] for r in records][-1] == 16
+    result, records = run_main(spec, data_dir, str(tmp_path), "--config.total_steps=12")
+    assert [r["step"] for r in records] == list(range(1, 13))
     assert_loss_falls(records)
     config = config_lib.load_config(spec)
     setup, last = result.setup, records[-1]
+    for key in ("scale", "learning_rate", "grad_norm", "samples_per_s", "acc_i2t"):
+        assert np.isfinite(last[key]), key
+    manager = checkpointing.make_manager(str(tmp_path))
+    assert manager.latest_step() == 12
+    manager.close()
+    assert os.path.exists(tmp_path / "config.json") and os.path.exists(tmp_path / "tokenizer.model")
+    assert os.listdir(tmp_path / "tensorboard" / "train")
     if name == "gloria":
         # The tokenizer's word starts, not the all-True stand-in of a setup built before
         # the tokenizer existed (what `main` used to train with).
@@ -69,9 +76,18 @@ def test_experiment_trains_through_main(name, data_dir, tmp_path):
         np.testing.assert_array_equal(setup.word_starts, want)
         assert not want.all() and want[:len(pieces)].any()
         assert np.isfinite(last["loss/local"]) and last["loss/local"] > 0
+        for r in records:
+            np.testing.assert_allclose(
+                r["loss"], r["loss/global"] + config.loss.local.weight * r["loss/local"],
+                rtol=1e-5)
     elif name in ("quickstart_cxrclip", "cxrclip"):
-        for term in ("loss_image_text", "loss_image_image", "loss_text_text"):
-            assert np.isfinite(last[term]), term
+        weights = config.loss.multiview
+        for r in records:
+            np.testing.assert_allclose(
+                r["loss"], weights.image_text_weight * r["loss_image_text"]
+                + weights.image_image_weight * r["loss_image_image"]
+                + weights.text_text_weight * r["loss_text_text"], rtol=1e-5)
+            assert r["acc_i2t"] == r["image1_text1/acc_i2t"]
     elif name == "medclip_text_only":
         assert config.loss.targets == "soft_labels"
         assert config.data.decoupled.text_only_fraction == 0.25

@@ -342,6 +342,8 @@ def _example_config(name):
     )
 
 
+# Also covered through `main` on real batches: tests/test_experiments_cli.py.
+@pytest.mark.slow
 def test_medclip_config_trains_with_soft_label_targets(studies, sentencepiece_model):
     config = _example_config("medclip_synthetic")
     assert config.loss.targets == "soft_labels"
@@ -354,6 +356,8 @@ def test_medclip_config_trains_with_soft_label_targets(studies, sentencepiece_mo
     assert all(np.isfinite(loss)) and loss[-1] < loss[0], loss
 
 
+# Also covered through `main` on real batches: tests/test_experiments_cli.py.
+@pytest.mark.slow
 def test_gloria_config_trains_with_local_loss(studies, sentencepiece_model):
     config = _example_config("gloria_synthetic")
     assert config.loss.local.weight > 0
@@ -390,6 +394,8 @@ def _multiview_batch(config, studies, model_path):
     }
 
 
+# Also covered through `main` on real batches: tests/test_experiments_cli.py.
+@pytest.mark.slow
 def test_cxrclip_config_trains_with_multiview_terms(studies, sentencepiece_model):
     config = _example_config("cxrclip_synthetic")
     assert config.data.multiview and config.data.augment
@@ -440,6 +446,8 @@ def test_multiview_refusals(setup):
 # ------------------------------------------------------------ text-label examples
 
 
+# Also covered through `main` on real batches: tests/test_experiments_cli.py.
+@pytest.mark.slow
 def test_medclip_config_trains_with_text_only_rows(studies, sentencepiece_model):
     config = config_lib.config_from_flags(
         "experiments/medclip_synthetic.py:runlocal,text_fraction=0.25",

@@ -37,6 +37,9 @@ def _metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+# The default run trains every shipped experiment through `main` (test_experiments_cli.py);
+# this longer run asserts a larger drop.
+@pytest.mark.slow
 def test_short_run_on_eight_devices_lowers_the_loss(data_dir, tmp_path):
     assert jax.device_count() == 8
     config = _config(data_dir, "total_steps=100", "log_every=10", "optim.warmup_steps=10")
