@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = config_lib.config_from_flags(args.config, overrides)
     setup = training.build(config)
-    state, _ = training.create_train_state(
-        setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
-    )
+    state = training.initial_state(setup, config)
     batch = random_batch(config, setup.mesh)
 
     start = time.perf_counter()

@@ -60,7 +60,7 @@ def get_config(arg=None):
     )
     if arg.prompt_fraction:
         config.data.decoupled = ml_collections.ConfigDict(
-            dict(image_only_fraction=arg.prompt_fraction)
+            dict(label_prompt_fraction=arg.prompt_fraction)
         )
     config.loss.multiview = ml_collections.ConfigDict(
         dict(

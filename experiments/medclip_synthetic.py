@@ -46,6 +46,6 @@ def get_config(arg=None):
     config.loss.soft_target_temperature = arg.temperature
     if arg.prompt_fraction or arg.text_fraction:
         config.data.decoupled = ml_collections.ConfigDict(
-            dict(image_only_fraction=arg.prompt_fraction, text_only_fraction=arg.text_fraction)
+            dict(label_prompt_fraction=arg.prompt_fraction, text_only_fraction=arg.text_fraction)
         )
     return config

@@ -4,7 +4,7 @@ text) and text-label rows (a report without its image).
 Configured by `data.decoupled` (absent or None: off; training batches are then exactly
 what they were without it):
 
-  image_only_fraction  fraction of the rows of every global training batch that are
+  label_prompt_fraction  fraction of the rows of every global training batch that are
                        image-label examples: their text is `labeler.labels_to_prompt`
                        of the record's labels instead of its report.
   text_only_fraction   fraction of the rows of every global training batch that are
@@ -21,7 +21,7 @@ what they were without it):
                        as examples with an empty text.
 
 Both fractions are in [0, 1] with a sum of at most 1. One uniform draw per position,
-from (seed, position), ranks the rows of each global batch: the round(image_only_fraction
+from (seed, position), ranks the rows of each global batch: the round(label_prompt_fraction
 * B) lowest are chosen as image-label rows, the next round(text_only_fraction * B) as
 text-label rows, so the two are disjoint and their counts are fixed.
 
@@ -67,7 +67,7 @@ SALT_PROMPT_TEXT = 32  # Templates of a row's prompt (plus the text stream).
 class DecoupledData:
     """The validated contents of `data.decoupled` (see the module docstring)."""
 
-    image_only_fraction: float = 0.0
+    label_prompt_fraction: float = 0.0
     text_only_fraction: float = 0.0
     label_only_prompts: bool = True
 
@@ -78,18 +78,23 @@ class DecoupledData:
         if config is None:
             return None
         values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        if "image_only_fraction" in values:
+            raise ValueError(
+                "data.decoupled.image_only_fraction is now called label_prompt_fraction (the "
+                "rows whose text is replaced by their labels written as a prompt; their "
+                "image stays): rename the key")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown data.decoupled keys {unknown}; known: {sorted(known)}")
         spec = cls(**values)
-        for name in ("image_only_fraction", "text_only_fraction"):
+        for name in ("label_prompt_fraction", "text_only_fraction"):
             value = getattr(spec, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"data.decoupled.{name}={value} outside [0, 1]")
-        if spec.image_only_fraction + spec.text_only_fraction > 1 + 1e-9:
+        if spec.label_prompt_fraction + spec.text_only_fraction > 1 + 1e-9:
             raise ValueError(
-                f"data.decoupled.image_only_fraction={spec.image_only_fraction} plus "
+                f"data.decoupled.label_prompt_fraction={spec.label_prompt_fraction} plus "
                 f"text_only_fraction={spec.text_only_fraction} is more than the whole batch;"
                 " their sum must be at most 1")
         if spec.text_only_fraction and data_config.get("multiview", False):
@@ -99,14 +104,14 @@ class DecoupledData:
                 "every example, and a text-label row has no image; set one of them off")
         return spec
 
-    def image_only_rows(self, global_batch_size: int) -> int:
+    def label_prompt_rows(self, global_batch_size: int) -> int:
         """The number of image-label rows chosen in every global batch."""
-        return int(round(self.image_only_fraction * global_batch_size))
+        return int(round(self.label_prompt_fraction * global_batch_size))
 
     def text_only_rows(self, global_batch_size: int) -> int:
         """The number of text-label rows chosen in every global batch."""
         return min(int(round(self.text_only_fraction * global_batch_size)),
-                   global_batch_size - self.image_only_rows(global_batch_size))
+                   global_batch_size - self.label_prompt_rows(global_batch_size))
 
 
 def prompts(labels: np.ndarray, positions: np.ndarray, seed: int, stream: int) -> np.ndarray:

@@ -333,7 +333,13 @@ def write_folder(
     from safetensors.numpy import save_file
 
     scale = math.exp(float(tensors["logit_scale"].reshape(())))
-    save_file(dict(tensors), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(folder, "model.safetensors")
+    save_file(dict(tensors), weights, metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); give the weights
+    # the permissions of the other files, so a shared folder is readable by its users.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)
     save_tokenizer(tokenizer_model, config.data.max_text_len, folder, allow_inexact_tokenizer)
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
         json.dump(image_processor_config(config, fmt), f, indent=2)

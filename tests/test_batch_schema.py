@@ -31,10 +31,10 @@ SWITCHES = {
     "plain": {},
     "augmented": dict(augment=AUGMENT),
     "multiview": dict(augment=AUGMENT, multiview=True),
-    "decoupled": dict(decoupled=dict(image_only_fraction=0.25, text_only_fraction=0.25)),
+    "decoupled": dict(decoupled=dict(label_prompt_fraction=0.25, text_only_fraction=0.25)),
     "multiview_and_prompts": dict(augment=AUGMENT, multiview=True,
                                   multiview_texts="findings_impression",
-                                  decoupled=dict(image_only_fraction=0.5)),
+                                  decoupled=dict(label_prompt_fraction=0.5)),
 }
 
 
@@ -65,7 +65,7 @@ def test_fields_per_switch():
     assert set(plain) == {"image", "tokens", "study_id", "text_id", "labels",
                           "labels_present", "mask", "num_skipped"}
     config.multiview = True
-    config.decoupled = dict(image_only_fraction=0.5)
+    config.decoupled = dict(label_prompt_fraction=0.5)
     both = batch_fields(config, 4)
     assert set(both) - set(plain) == {"image2", "tokens2", "text_id2", "label_prompt",
                                       "image_mask", "text_mask"}

@@ -279,9 +279,7 @@ def test_init_from_loads_towers_into_a_sharded_train_state(tmp_path):
     config.model.image.pre_norm = True
     config.init_from = ml_collections.ConfigDict(dict(path=str(tmp_path), towers=("image",)))
     setup = training.build(config)
-    fresh, _ = training.create_train_state(
-        setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
-    )
+    fresh = training.initial_state(setup, config)
     loaded = training.init_from_pretrained(config, fresh, setup)
     expected = convert.load_pretrained(
         jax.device_get(fresh.params), str(tmp_path), towers=("image",)

@@ -103,9 +103,7 @@ def noisy(params):
 def write_checkpoint(config, workdir):
     """A real orbax checkpoint (step 3) in `workdir`, as training writes it."""
     setup = training.build(config)
-    state, _ = training.create_train_state(
-        setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed
-    )
+    state = training.initial_state(setup, config)
     state = state.replace(params=noisy(state.params), step=state.step + 3)
     manager = checkpointing.make_manager(workdir)
     checkpointing.save(manager, 3, state, force=True)

@@ -194,6 +194,9 @@ def test_export_cli_imports_no_tensorflow_and_loads(exported, trained, experimen
         "tokenizer_config.json",
     ]
     assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".")]
+    # Every file as readable as the others (safetensors writes its file with mode 0600).
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+    assert len(set(modes.values())) == 1, modes
 
     # Independently of the export's own check: the folder computes the checkpoint's model.
     config = config_lib.load_config(experiment)

@@ -26,7 +26,7 @@ def data_config(data_dir, **overrides):
                        seed=0),
         image_size=32, image_mean=0.5, image_std=0.25, text="report", max_text_len=48,
         vocab_size=256, tokenizer_type="unigram",
-        decoupled=dict(image_only_fraction=0.25)), **overrides})
+        decoupled=dict(label_prompt_fraction=0.25)), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,8 @@ def test_a_fixed_share_of_each_batch_reads_its_labels_as_text(data_dir, config, 
 
 
 @pytest.mark.parametrize("decoupled", [
-    dict(image_only_fraction=0.25),
-    dict(image_only_fraction=0.25, text_only_fraction=0.375),
+    dict(label_prompt_fraction=0.25),
+    dict(label_prompt_fraction=0.25, text_only_fraction=0.375),
 ])
 def test_decoupled_rows_stay_exact_on_resume_and_across_processes(data_dir, prepared,
                                                                   decoupled):
@@ -128,9 +128,10 @@ def test_evaluation_ignores_it(data_dir, config, prepared):
 
 @pytest.mark.parametrize("decoupled, message", [
     (dict(text_only_fraction=-0.1), r"text_only_fraction=-0.1 outside \[0, 1\]"),
-    (dict(image_only_fraction=0.75, text_only_fraction=0.5),
-     r"image_only_fraction=0.75 plus text_only_fraction=0.5 .* sum must be at most 1"),
-    (dict(image_only_fraction=1.5), r"image_only_fraction=1.5 outside \[0, 1\]"),
+    (dict(label_prompt_fraction=0.75, text_only_fraction=0.5),
+     r"label_prompt_fraction=0.75 plus text_only_fraction=0.5 .* sum must be at most 1"),
+    (dict(label_prompt_fraction=1.5), r"label_prompt_fraction=1.5 outside \[0, 1\]"),
+    (dict(image_only_fraction=0.25), r"image_only_fraction is now called label_prompt_fraction"),
     (dict(image_fraction=0.5), r"unknown data.decoupled keys \['image_fraction'\]"),
 ])
 def test_bad_settings_are_refused(data_dir, prepared, decoupled, message):
@@ -144,11 +145,11 @@ def test_text_label_rows_are_reports_without_their_image(data_dir, config, prepa
     rows and 4 paired ones, ranked by one draw."""
     builder, tok = prepared
     steps = 6
-    both = data_config(data_dir, decoupled=dict(image_only_fraction=0.25,
+    both = data_config(data_dir, decoupled=dict(label_prompt_fraction=0.25,
                                                 text_only_fraction=0.25))
     got = batches(both, builder, tok, steps)
     prompts_only = batches(config, builder, tok, steps)
-    half = batches(data_config(data_dir, decoupled=dict(image_only_fraction=0.5)), builder,
+    half = batches(data_config(data_dir, decoupled=dict(label_prompt_fraction=0.5)), builder,
                    tok, steps)
     plain = batches(data_config(data_dir, decoupled=None), builder, tok, steps)
     labels = np.nan_to_num(record_labels(builder))
@@ -246,7 +247,7 @@ def test_label_only_records_take_their_prompt(tmp_path, data_dir, prepared):
     builder = LabelOnly(data_dir=str(tmp_path))
     builder.download_and_prepare(file_format="array_record")
     config = data_config(data_dir, image_size=16, max_bad_fraction=0.5,
-                         decoupled=dict(image_only_fraction=0.0))
+                         decoupled=dict(label_prompt_fraction=0.0))
     [batch] = batches(config, builder, tok, 1)
     source = builder.as_data_source("train")
     records = EpochOrder(len(source), 0).records_at(np.arange(GLOBAL_BATCH))

@@ -181,7 +181,7 @@ def test_contradicting_configs_are_refused(data_dir, prepared, overrides, messag
 def test_label_prompt_rows_get_a_second_prompt_draw(data_dir, prepared, records):
     from input_pipeline import label_prompts, labeler
 
-    config = data_config(data_dir, decoupled=dict(image_only_fraction=0.5))
+    config = data_config(data_dir, decoupled=dict(label_prompt_fraction=0.5))
     _, tok = prepared
     [batch] = batches(config, prepared, 1)
     index, _, positions = rows_of(records, 1)

@@ -73,15 +73,17 @@ def _interrupt_after(monkeypatch, step_to_stop):
 def test_preempted_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     overrides = ("total_steps=12", "log_every=2", "optim.warmup_steps=2")
     full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
-    training.train(_config(data_dir, *overrides), full_dir)
+    config = _config(data_dir, *overrides)
+    setup = training.build(config)  # One setup, so the step compiles once for the 3 runs.
+    training.train(config, full_dir, setup)
 
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 6)
-        training.train(_config(data_dir, *overrides), resumed_dir)
+        training.train(config, resumed_dir, setup)
     manager = checkpointing.make_manager(resumed_dir)
     assert manager.latest_step() == 6  # Saved at the step where the signal arrived.
     manager.close()
-    training.train(_config(data_dir, *overrides), resumed_dir)  # Picks up from step 6.
+    training.train(config, resumed_dir, setup)  # Picks up from step 6.
 
     full, resumed = _metrics(full_dir), _metrics(resumed_dir)
     full_losses = {r["step"]: r["loss"] for r in full}
@@ -90,7 +92,6 @@ def test_preempted_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     for step, loss in full_losses.items():
         np.testing.assert_allclose(resumed_losses[step], loss, rtol=1e-5, err_msg=f"step {step}")
 
-    setup = training.build(_config(data_dir, *overrides))
     states = []
     for workdir in (full_dir, resumed_dir):
         manager = checkpointing.make_manager(workdir)

@@ -13,8 +13,8 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from jaxmedclip import checkpointing
-from jaxmedclip.training.setup import Setup
-from jaxmedclip.training.state import TrainState, create_train_state
+from jaxmedclip.training.setup import Setup, initial_state
+from jaxmedclip.training.state import TrainState
 
 log = logging.getLogger("jaxmedclip.train")
 # The run's SentencePiece model, copied into the workdir (what export reads).
@@ -89,10 +89,7 @@ def resume(
     """The newest readable checkpoint's state and step, or a fresh state at step 0."""
     restored = checkpointing.restore_latest_readable(manager, setup.abstract_state, setup.shardings)
     if restored is None:
-        state, _ = create_train_state(
-            setup.model, setup.tx, config.data, setup.mesh, setup.rules, config.seed,
-            setup.shardings,
-        )
+        state = initial_state(setup, config)
         return init_from_pretrained(config, state, setup), 0
     if restored.data is None:
         log.warning("checkpoint step %d has no data position; not checked", restored.step)

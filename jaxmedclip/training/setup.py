@@ -14,7 +14,7 @@ import numpy as np
 from jaxmedclip import batch_schema, checkpointing, evaluation, flops, models, optim, parallel
 from jaxmedclip.methods import local_alignment
 from jaxmedclip.training.objective import multiview_enabled
-from jaxmedclip.training.state import TrainState, state_shardings
+from jaxmedclip.training.state import TrainState, create_train_state, state_shardings
 from jaxmedclip.training.step import make_train_step
 
 
@@ -157,6 +157,14 @@ def build(config: ml_collections.ConfigDict, pieces: Sequence[str] | None = None
         jax.eval_shape(train_step.jitted, abstract_state, abstract_batch(config))
     return Setup(mesh, rules, model, tx, abstract_state, shardings, train_step, word_starts,
                  pieces is not None)
+
+
+def initial_state(setup: Setup, config: ml_collections.ConfigDict) -> TrainState:
+    """A fresh train state of `setup` from `config.seed`, created in its sharded layout
+    (the setup's shardings: the init is not traced again)."""
+    state, _ = create_train_state(setup.model, setup.tx, config.data, setup.mesh,
+                                  setup.rules, config.seed, setup.shardings)
+    return state
 
 
 def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
