@@ -3,7 +3,7 @@ batch read their labels written as text, which are reports without their image, 
 the per-side masks that tell the loss.
 
 One uniform draw per position of the global batch, from (seed, position), ranks its
-rows: the lowest `image_only_rows` are the label-prompt rows, the next `text_only_rows`
+rows: the lowest `label_prompt_rows` are the label-prompt rows, the next `text_only_rows`
 the text-label rows, so the two are disjoint and their counts exact. The rows are chosen
 without reading any record, so each process chooses its slice of the global batch alone.
 """
@@ -25,7 +25,7 @@ class DecoupledRows:
         self.spec, self.seed = spec, seed
         self.global_batch_size, self.first, self.local_batch_size = (
             global_batch_size, first, local_batch_size)
-        self.prompt_rows = spec.image_only_rows(global_batch_size)
+        self.prompt_rows = spec.label_prompt_rows(global_batch_size)
         self.text_only_rows = spec.text_only_rows(global_batch_size)
 
     def choose(self, step: tf.Tensor) -> dict[str, tf.Tensor]:
