@@ -35,6 +35,7 @@ EXTRAS = {
     ],
     "test": [
         "pytest>=8,<10",
+        "pytest-xdist>=3.5,<4",  # The suite runs in parallel processes (pyproject.toml).
         "ruff>=0.6,<1",
     ],
     # PyTorch export/import (docs/pytorch.md). The ranges are what the parity tests
