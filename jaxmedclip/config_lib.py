@@ -126,5 +126,10 @@ def override_flags(parser, rest: Iterable[str]) -> list[str]:
 
 
 def config_from_flags(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """`--config path.py:arg` plus `--config.field=value` overrides."""
-    return apply_overrides(load_config(spec), overrides)
+    """`--config path.py:arg` plus `--config.field=value` overrides; every key checked
+    against the declared fields (`config_schema`)."""
+    from jaxmedclip import config_schema
+
+    config = apply_overrides(load_config(spec), overrides)
+    config_schema.check_fields(config)
+    return config

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxmedclip import config_lib, train, training
+from jaxmedclip import config_lib, config_schema, train, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "experiments/tiny_synthetic.py"
@@ -141,3 +141,60 @@ def test_every_experiment_passes_the_config_checks(spec):
     """Each shipped experiment, as its default options build it, is a config the trainer
     accepts (the checks run before any data is built)."""
     training.check_config(config_lib.load_config(spec))
+    config_schema.check_fields(config_lib.load_config(spec))
+
+
+def write_experiment(tmp_path, edit):
+    """An experiment file: the tiny runlocal config with `edit` (Python lines) applied."""
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "from jaxmedclip import config_lib\n"
+        "import ml_collections\n\n"
+        "def get_config(arg=None):\n"
+        f"    config = config_lib.load_config({os.path.join(REPO, TINY)!r} + ':runlocal')\n"
+        f"    {edit}\n"
+        "    return config\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("config.loss.tile_sise = 256", r"loss.tile_sise is not a config field; loss has .*tile_size"),
+    ("config.data.augment = ml_collections.ConfigDict(dict(rotaton=5.0))",
+     r"data.augment.rotaton is not a config field; data.augment has .*rotation_degrees"),
+    ("config.model.text.widht = 64", r"model.text.widht is not a config field"),
+    ("config.optim.lr = 1e-3", r"optim.lr is not a config field; optim has .*learning_rate"),
+    ("config.totl_steps = 5", r"totl_steps is not a config field; the top level has"),
+    ("config.eval.every_step = 5", r"unknown field eval.every_step"),
+    ("config.loss.local = ml_collections.ConfigDict(dict(wieght=1.0))",
+     r"loss.local.wieght is not a config field"),
+])
+def test_an_undeclared_key_anywhere_is_refused_with_the_valid_ones(tmp_path, edit, message):
+    spec = write_experiment(tmp_path, edit)
+    with pytest.raises((ValueError, KeyError), match=message):
+        config_lib.config_from_flags(spec, [])
+    with pytest.raises(SystemExit, match=message):  # And through the command line.
+        train.main(["--config", spec, "--workdir", str(tmp_path / "w"), "--compile_only"])
+    assert not (tmp_path / "w").exists()
+
+
+def test_declared_groups_match_the_code_that_reads_them():
+    """The schema names exactly the fields each section's reader declares."""
+    import dataclasses
+
+    from input_pipeline.augment import AugmentConfig
+    from input_pipeline.label_prompts import DecoupledData
+    from input_pipeline.synthetic_builder import SyntheticCxrConfig
+    from jaxmedclip import losses, optim
+    from jaxmedclip.methods import local_alignment, multiview
+
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    assert set(config_schema.LOSS) == names(losses.LossSpec)
+    assert set(config_schema.AUGMENT) == names(AugmentConfig)
+    assert set(config_schema.DECOUPLED) == names(DecoupledData)
+    assert set(config_schema.MULTIVIEW) == names(multiview.MultiviewSpec)
+    assert set(config_schema.SYNTHETIC) <= names(SyntheticCxrConfig)
+    with pytest.raises(ValueError, match="known: (.*)") as error:
+        local_alignment.local_alignment_config({"not_a_field": 1})
+    assert set(config_schema.LOCAL) == set(eval(error.value.args[0].split("known: ")[1]))
+    lr_mults = {f"{tower}_lr_mult" for tower in optim.TOWER_PARAMS}
+    assert lr_mults <= set(config_schema.FIELDS["optim"])
