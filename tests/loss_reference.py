@@ -256,3 +256,15 @@ def numpy_reference_grads(image, text, scale, bias, batch, config):
                 + direction(logits.T, affinity.T, texts, images, config.t2i_weight).T)
     dbias = grad.sum() if sigmoid else 0.0
     return [scale * grad @ text, scale * grad.T @ image, np.sum(grad * dots), dbias]
+
+
+def assert_matches_reference(got, image, text, batch, config, scale=10.0, bias=-5.0):
+    """`got` = (loss, metrics, grads) of `run_loss` against the float64 transcription:
+    value and every metric, within TOL."""
+    loss, metrics, _ = got
+    want_loss, want_metrics = numpy_reference(image, text, scale, bias, batch, config)
+    np.testing.assert_allclose(loss, want_loss, rtol=TOL, atol=TOL)
+    assert set(metrics) == set(want_metrics)
+    for key, want in want_metrics.items():
+        np.testing.assert_allclose(metrics[key], want, rtol=TOL, atol=TOL, err_msg=key)
+    return want_loss

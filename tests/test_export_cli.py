@@ -7,7 +7,6 @@
 - a failed export leaves no folder a loader accepts, and never half-overwrites one.
 """
 
-import importlib
 import json
 import os
 import re
@@ -18,14 +17,9 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
+from pytorch_side import import_torch_and_transformers  # noqa: E402
 
-# CI installs the [torch] extra (.ci/run): there these tests must run, never skip.
-if os.environ.get("CI"):
-    torch = importlib.import_module("torch")
-    transformers = importlib.import_module("transformers")
-else:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+torch, transformers = import_torch_and_transformers()
 
 from input_pipeline.tokenizer import Tokenizer  # noqa: E402
 from jaxmedclip import config_lib, evaluate, export, models  # noqa: E402

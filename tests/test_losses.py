@@ -29,6 +29,7 @@ from loss_reference import (  # noqa: E402
     NEAR_TIE_ACCURACY_TOL,
     SHARDED,
     TOL,
+    assert_matches_reference,
     assert_same,
     check_against_dense,
     dense_result,
@@ -156,13 +157,10 @@ def test_per_side_masks_match_references(name, targets, impl, mesh_name):
     image, text, batch = per_side_inputs()
     config = loss_config(name, targets, impl)
     mesh = make_mesh(mesh_name) if mesh_name else None
-    loss, metrics, grads = run_loss(config, image, text, batch, 10.0, -5.0, mesh=mesh,
-                                    batch_axes=mesh.axis_names if mesh else ("data",))
-    want_loss, want_metrics = numpy_reference(image, text, 10.0, -5.0, batch, config)
-    np.testing.assert_allclose(loss, want_loss, rtol=TOL, atol=TOL)
-    assert set(metrics) == set(want_metrics)
-    for key, want in want_metrics.items():
-        np.testing.assert_allclose(metrics[key], want, rtol=TOL, atol=TOL, err_msg=key)
+    got = run_loss(config, image, text, batch, 10.0, -5.0, mesh=mesh,
+                   batch_axes=mesh.axis_names if mesh else ("data",))
+    want_loss = assert_matches_reference(got, image, text, batch, config)
+    grads = got[2]
     reference = jax.value_and_grad(selection_reference_loss, argnums=(0, 1, 2, 3))
     ref_loss, ref_grads = reference(jnp.asarray(image), jnp.asarray(text), jnp.float32(10.0),
                                     jnp.float32(-5.0), batch, config)
