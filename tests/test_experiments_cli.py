@@ -20,6 +20,10 @@ SMALL_DATA = [
     "--config.eval.every_steps=0",
     "--config.log_every=1",
 ]
+# The plain CLIP run also takes the tiled ring loss from the command line (tiles of 3 of
+# the 4 examples per device: padded, 2 x 2 tiles per ring block); the others keep their
+# files' losses (all_gather, or vit_b16's ring with tiles of 1,024).
+TILED = ["--config.loss.impl=ring", "--config.loss.tile_size=3"]
 EXPERIMENTS = {
     "clip": "experiments/tiny_synthetic.py:runlocal",
     "quickstart_cxrclip": "experiments/tiny_synthetic.py:runlocal,recipe=cxrclip",
@@ -53,7 +57,8 @@ def assert_loss_falls(records):
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_experiment_trains_through_main(name, data_dir, tmp_path):
     spec = EXPERIMENTS[name]
-    result, records = run_main(spec, data_dir, str(tmp_path), "--config.total_steps=12")
+    flags = TILED if name == "clip" else []
+    result, records = run_main(spec, data_dir, str(tmp_path), "--config.total_steps=12", *flags)
     assert [r["step"] for r in records] == list(range(1, 13))
     assert_loss_falls(records)
     config = config_lib.load_config(spec)
@@ -91,6 +96,10 @@ def test_experiment_trains_through_main(name, data_dir, tmp_path):
     elif name == "medclip_text_only":
         assert config.loss.targets == "soft_labels"
         assert config.data.decoupled.text_only_fraction == 0.25
+    elif name == "clip":
+        with open(tmp_path / "config.json") as f:
+            loss = json.load(f)["loss"]
+        assert (loss["impl"], loss["tile_size"]) == ("ring", 3)
     elif name == "vit_b16":
         assert config.loss.impl == "ring" and config.loss.tile_size == 1024
     if name != "gloria":
