@@ -198,3 +198,14 @@ def test_declared_groups_match_the_code_that_reads_them():
     assert set(config_schema.LOCAL) == set(eval(error.value.args[0].split("known: ")[1]))
     lr_mults = {f"{tower}_lr_mult" for tower in optim.TOWER_PARAMS}
     assert lr_mults <= set(config_schema.FIELDS["optim"])
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
+    config = config_lib.load_config(TINY + ":runlocal")
+    training.check_tokenizer_fits(config, config.data.vocab_size)
+    with pytest.raises(ValueError, match=r"the tokenizer has 513 pieces but data.vocab_size="
+                                         r"512; raise data.vocab_size"):
+        training.check_tokenizer_fits(config, 513)
+    gloria = config_lib.load_config("experiments/gloria_synthetic.py:runlocal")
+    with pytest.raises(ValueError, match=r"raise data.vocab_size"):
+        training.word_starts_of(gloria, ["\u2581a"] * (gloria.data.vocab_size + 1))

@@ -23,7 +23,7 @@ from jaxmedclip import checkpointing, evaluation, flops, parallel
 from jaxmedclip.training.metrics import MetricsWriter, ProgressBar, finite_metrics
 from jaxmedclip.training.preemption import PreemptionWatch
 from jaxmedclip.training.resume import record_tokenizer, resume
-from jaxmedclip.training.setup import Setup, build, with_tokenizer
+from jaxmedclip.training.setup import Setup, build, check_tokenizer_fits, with_tokenizer
 from jaxmedclip.training.state import TrainState
 
 log = logging.getLogger("jaxmedclip.train")
@@ -86,11 +86,7 @@ def train(
     from input_pipeline import pipeline  # tensorflow is needed from here on only.
 
     builder, tokenizer = pipeline.prepare(config.data)
-    if tokenizer.vocab_size > config.data.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} pieces but data.vocab_size="
-            f"{config.data.vocab_size}; raise data.vocab_size"
-        )
+    check_tokenizer_fits(config, tokenizer.vocab_size)
     record_tokenizer(workdir, tokenizer.model_path)
     pieces = tokenizer.pieces
     setup = with_tokenizer(setup, config, pieces) if setup else build(config, pieces)

@@ -89,6 +89,15 @@ def local_loss_enabled(config: ml_collections.ConfigDict) -> bool:
     return local is not None and local.get("weight", 1.0) > 0
 
 
+def check_tokenizer_fits(config: ml_collections.ConfigDict, num_pieces: int) -> None:
+    """Token ids index the text tower's embedding table of `data.vocab_size` rows."""
+    if num_pieces > config.data.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {num_pieces} pieces but data.vocab_size="
+            f"{config.data.vocab_size}; raise data.vocab_size"
+        )
+
+
 def word_starts_of(config: ml_collections.ConfigDict, pieces: Sequence[str] | None
                    ) -> np.ndarray | None:
     """`loss.local`'s word-start table (bool [data.vocab_size]) from the tokenizer's
@@ -97,11 +106,7 @@ def word_starts_of(config: ml_collections.ConfigDict, pieces: Sequence[str] | No
         return None
     if pieces is None:
         return np.ones(config.data.vocab_size, bool)
-    if len(pieces) > config.data.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(pieces)} pieces but data.vocab_size="
-            f"{config.data.vocab_size}; raise data.vocab_size"
-        )
+    check_tokenizer_fits(config, len(pieces))
     # Pieces beyond the tokenizer's (data.vocab_size is an upper bound) never occur.
     table = local_alignment.word_start_table(pieces)
     return np.pad(table, (0, config.data.vocab_size - len(table)))
