@@ -221,6 +221,20 @@ def restore(
     return manager.restore(step, args=args).state, step
 
 
+def restore_params(
+    manager: ocp.CheckpointManager, abstract_params: Any, shardings: Any, step: int
+) -> Any:
+    """Only the `params` subtree of checkpoint `step`'s train state, into `shardings`
+    (the optimizer state stays on disk)."""
+    target = {"params": _target(abstract_params, shardings)}
+    restore = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
+    return manager.restore(step, args=ocp.args.Composite(state=restore)).state["params"]
+
+
 def restore_all(
     manager: ocp.CheckpointManager, abstract_state: Any, shardings: Any, step: int
 ) -> Restored:

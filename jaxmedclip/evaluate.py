@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 from jaxmedclip import checkpointing, config_lib, evaluation, models, parallel, train, training
 from jaxmedclip.evaluation import report as report_lib
@@ -102,20 +101,10 @@ def restore_params(
                 f"no checkpoint of step {step} in {directory}; available: {sorted(available)}"
             )
         step = manager.latest_step() if step is None else step
-        target = {
-            "params": jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-            )
-        }
-        restore = ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,  # The optimizer state is left on disk.
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=restore))
+        params = checkpointing.restore_params(manager, abstract, shardings, step)
     finally:
         manager.close()
-    return restored.state["params"], step
+    return params, step
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
