@@ -8,9 +8,17 @@ does, creates random batches of the config's shapes (images, token ids, labels) 
 mesh, compiles, runs `--warmup` steps, then times `--steps` steps (one
 `block_until_ready` at the end, so dispatch overlaps compute as in training; the input
 pipeline is not included). Prints samples/s, step time, analytic TFLOPs per device
-(`jaxmedclip/flops.py`) and MFU where the chip's peak is known; the last line is
+(`jaxmedclip/flops.py`), MFU where the chip's peak is known and the peak device memory
+(the allocator's peak on GPU/TPU; on CPU the compiled programs' account); the last
+line is
 
   samples_per_s=<x> mfu=<y|na>
+
+With `stream_microbatches=True` (GradCache streamed from host memory) the step takes
+the host batch every step, and the un-split step of the same global batch is timed
+the same way (from the host), as is the streamed step without prefetch; the last line
+gains `stream_overhead=<streamed time / un-split time> prefetch_saving=<1 - streamed
+time / streamed time without prefetch>`.
 """
 
 from __future__ import annotations
@@ -41,19 +49,18 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, config_lib.override_flags(parser, rest)
 
 
-def random_batch(config, mesh, seed: int = 0) -> dict:
-    """A global batch of the shapes `training.abstract_batch` describes, sharded like training."""
-    import jax
+def random_host_batch(config, seed: int = 0) -> dict:
+    """A global batch (numpy, on the host) of the shapes `training.abstract_batch` gives."""
     import numpy as np
 
-    from jaxmedclip import parallel, training
+    from jaxmedclip import training
 
     rng = np.random.default_rng(seed)
     batch = {}
     for name, spec in training.abstract_batch(config).items():
-        if name == "tokens":
+        if name in ("tokens", "tokens2"):
             value = rng.integers(1, config.data.vocab_size, spec.shape)
-        elif name in ("study_id", "text_id"):
+        elif name in ("study_id", "text_id", "text_id2"):
             value = np.arange(spec.shape[0])  # All distinct: no multi-positive pairs.
         elif spec.dtype == np.bool_:
             value = (
@@ -61,8 +68,57 @@ def random_batch(config, mesh, seed: int = 0) -> dict:
             )
         else:
             value = rng.normal(size=spec.shape)
-        batch[name] = jax.device_put(value.astype(spec.dtype), parallel.batch_sharding(mesh))
+        batch[name] = value.astype(spec.dtype)
     return batch
+
+
+def random_batch(config, mesh, seed: int = 0) -> dict:
+    """`random_host_batch` sharded over the mesh like training's batches."""
+    from jaxmedclip import parallel
+
+    return parallel.host_to_global(random_host_batch(config, seed), mesh)
+
+
+def time_steps(config, args, *, from_host: bool, prefetch: bool = True) -> dict:
+    """(compile + first step) and steady-state seconds per step of `config`'s step.
+
+    `from_host`: every step takes the numpy batch (the host-to-device copies are timed,
+    as in training); else the batch is on the devices before timing starts."""
+    import jax
+
+    from jaxmedclip import training
+
+    setup = training.build(config)
+    if hasattr(setup.train_step, "prefetch"):
+        setup.train_step.prefetch = prefetch
+    state = training.initial_state(setup, config)
+    host = random_host_batch(config)
+    if from_host:
+        step = setup.train_step.from_host
+        batch = host
+    else:
+        step = setup.train_step
+        batch = random_batch(config, setup.mesh)
+    start = time.perf_counter()
+    state, metrics = step(state, batch)  # Compiles.
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - start) / args.steps
+    peak = None
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        peak = stats["peak_bytes_in_use"] / 1024**3
+    else:  # CPU: the compiled programs' own account (training.compile_report).
+        peak = training.compile_report(config, setup)["peak_gib_per_device"]
+    return {"setup": setup, "compile_s": compile_s, "step_s": step_s, "peak_gib": peak,
+            "loss": float(metrics["loss"])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,26 +131,28 @@ def main(argv: list[str] | None = None) -> dict:
         ).strip()
     import jax
 
-    from jaxmedclip import config_lib, flops, training
+    from jaxmedclip import config_lib, flops
 
     config = config_lib.config_from_flags(args.config, overrides)
-    setup = training.build(config)
-    state = training.initial_state(setup, config)
-    batch = random_batch(config, setup.mesh)
-
-    start = time.perf_counter()
-    state, metrics = setup.train_step(state, batch)  # Compiles.
-    jax.block_until_ready((state, metrics))
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        state, metrics = setup.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = setup.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - start) / args.steps
+    streamed = bool(config.stream_microbatches)
+    run = time_steps(config, args, from_host=streamed)
+    setup, step_s, compile_s = run["setup"], run["step_s"], run["compile_s"]
+    metrics = {"loss": run["loss"]}
+    extra = {}
+    if streamed:  # Against the un-split step of the same global batch, copies timed alike.
+        unsplit = config_lib.apply_overrides(
+            config, ["microbatch_size=None", "stream_microbatches=False"])
+        base = time_steps(unsplit, args, from_host=True)
+        serial = time_steps(config, args, from_host=True, prefetch=False)
+        extra = {
+            "num_microbatches": setup.train_step.num_micro,
+            "unsplit_step_time_s": base["step_s"],
+            "unsplit_samples_per_s": config.global_batch_size / base["step_s"],
+            "unsplit_peak_gib_per_device": base["peak_gib"],
+            "no_prefetch_step_time_s": serial["step_s"],
+            "stream_overhead": step_s / base["step_s"],
+            "prefetch_saving": 1 - step_s / serial["step_s"],
+        }
 
     device_kind = jax.devices()[0].device_kind
     tflops = flops.train_flops_per_step(config) / setup.mesh.size / 1e12 / step_s
@@ -108,13 +166,19 @@ def main(argv: list[str] | None = None) -> dict:
         "samples_per_s": config.global_batch_size / step_s,
         "tflops_per_device": tflops,
         "mfu": None if peak is None else tflops / peak,
+        "peak_gib_per_device": run["peak_gib"],
         "loss": float(metrics["loss"]),
+        **extra,
     }
     for key, value in result.items():
         shown = "na" if value is None else f"{value:.4g}" if isinstance(value, float) else value
         print(f"{key}: {shown}")
     mfu = "na" if result["mfu"] is None else f"{result['mfu']:.4f}"
-    print(f"samples_per_s={result['samples_per_s']:.2f} mfu={mfu}")
+    last = f"samples_per_s={result['samples_per_s']:.2f} mfu={mfu}"
+    if streamed:
+        last += (f" stream_overhead={result['stream_overhead']:.3f}"
+                 f" prefetch_saving={result['prefetch_saving']:.3f}")
+    print(last)
     return result
 
 

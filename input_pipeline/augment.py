@@ -36,6 +36,8 @@ import math
 import ml_collections
 import tensorflow as tf
 
+from jaxmedclip import config_schema
+
 # Salts: independent random streams per use (the stages in input_pipeline/stages/ have theirs).
 SALT_GEOMETRY = 11
 SALT_PHOTOMETRIC = 12
@@ -44,19 +46,20 @@ SALT_PHOTOMETRIC = 12
 SALT_STREAM_STRIDE = 1000
 _UNIFORM_BITS = 24  # float32 holds every value of a 24-bit draw exactly.
 _WIDEST_PACKET = 16  # float32 lanes of the widest SIMD registers (AVX-512).
+_DEFAULT = config_schema.defaults("data.augment")  # The defaults are declared there.
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """`data.augment` as typed values; the defaults change nothing."""
 
-    crop_scale: tuple[float, float] | None = None
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-    rotation_degrees: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    gamma: float = 0.0
-    horizontal_flip: bool = False
+    crop_scale: tuple[float, float] | None = _DEFAULT["crop_scale"]
+    crop_aspect: tuple[float, float] = _DEFAULT["crop_aspect"]
+    rotation_degrees: float = _DEFAULT["rotation_degrees"]
+    brightness: float = _DEFAULT["brightness"]
+    contrast: float = _DEFAULT["contrast"]
+    gamma: float = _DEFAULT["gamma"]
+    horizontal_flip: bool = _DEFAULT["horizontal_flip"]
 
     def __post_init__(self):
         if self.crop_scale is not None:
@@ -78,14 +81,9 @@ class AugmentConfig:
 
     @classmethod
     def from_config(cls, augment: ml_collections.ConfigDict | dict | None) -> AugmentConfig:
-        """From `data.augment`; unknown keys are an error (a typo would silently do nothing)."""
-        if not augment:
-            return cls()
-        values = dict(augment.to_dict() if hasattr(augment, "to_dict") else augment)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data.augment keys {unknown}; known: {sorted(known)}")
+        """From `data.augment` (None: no augmentation), checked against its declared
+        fields (`config_schema.AUGMENT`): a typo would otherwise silently do nothing."""
+        values = config_schema.complete_section("data.augment", augment)
         for key in ("crop_scale", "crop_aspect"):
             if values.get(key) is not None:
                 values[key] = tuple(float(v) for v in values[key])

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides = config_lib.override_flags(parser, rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        config = config_lib.config_from_flags(args.config, overrides)
+        config = config_lib.config_from_flags(args.config, overrides, required=False)
         builder = pipeline.build_dataset(config.data)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

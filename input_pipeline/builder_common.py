@@ -38,6 +38,7 @@ from input_pipeline import images, synthetic_builder, worker_pool
 from input_pipeline.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
 from input_pipeline.reports import parse_report
 from input_pipeline.tokenizer import tensorflow_on_host
+from jaxmedclip import config_schema
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
 def manual_dir_of(data_config: ml_collections.ConfigDict, name: str) -> str:
     """`data.manual_dir`, checked to be an existing directory."""
-    manual_dir = data_config.get("manual_dir")
+    manual_dir = config_schema.filled("data", data_config).manual_dir
     if not manual_dir:
         raise ValueError(f"data.manual_dir is not set: point it at the downloaded {name} "
                          "files (see input_pipeline/README.md, 'Bring your own data')")
@@ -318,11 +319,12 @@ def build(builder_cls: type[MedicalImageBuilder], config: tfds.core.BuilderConfi
     `data.manual_dir` first if absent (only then is data.manual_dir needed). Also reads
     data.build_max_bad_fraction and data.build_workers; `builder_kwargs` go to the builder."""
     tensorflow_on_host()  # Writing records runs TensorFlow ops; keep them off the GPUs.
-    data_dir = data_config.get("data_dir") or synthetic_builder.default_data_dir()
+    data_config = config_schema.filled("data", data_config)
+    data_dir = data_config.data_dir or synthetic_builder.default_data_dir()
+    max_bad = data_config.build_max_bad_fraction
     options = dict(
-        max_bad_fraction=data_config.get("build_max_bad_fraction",
-                                         DEFAULT_BUILD_MAX_BAD_FRACTION),
-        workers=data_config.get("build_workers", None), **builder_kwargs)
+        max_bad_fraction=DEFAULT_BUILD_MAX_BAD_FRACTION if max_bad is None else max_bad,
+        workers=data_config.build_workers, **builder_kwargs)
     builder = builder_cls(config=config, data_dir=data_dir, **options)
     if builder.is_prepared():
         return builder
@@ -361,7 +363,7 @@ def find_file(directory: str, names: Sequence[str]) -> str:
 
 def views_filter(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """`data.views` checked and canonical: () keeps every view."""
-    views = tuple(data_config.get("views", None) or ())
+    views = tuple(config_schema.filled("data", data_config).views or ())
     for view in views:
         if view not in ("PA", "AP", "LATERAL", ""):
             raise ValueError(f"data.views contains {view!r}; expected PA, AP, LATERAL or "

@@ -50,6 +50,7 @@ from input_pipeline.builder_common import (
     normalize_view,
     read_csv,
 )
+from jaxmedclip import config_schema
 
 DEFAULT_MANIFEST = "manifest.csv"
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -225,7 +226,8 @@ def _check_fractions(fractions) -> None:
 def manifest_path_of(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
     """(manual_dir, manifest path) from data.manual_dir and data.manifest."""
     manual_dir = builder_common.manual_dir_of(data_config, "csv_manifest")
-    manifest = data_config.get("manifest", None) or DEFAULT_MANIFEST
+    data_config = config_schema.filled("data", data_config)
+    manifest = data_config.manifest or DEFAULT_MANIFEST
     path = manifest if os.path.isabs(manifest) else os.path.join(manual_dir, manifest)
     if not os.path.isfile(path):
         raise ValueError(f"manifest {path} does not exist (data.manifest={manifest!r}, "
@@ -235,11 +237,12 @@ def manifest_path_of(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
 
 def builder_config(data_config: ml_collections.ConfigDict) -> CsvManifestConfig:
     """The config of `data_config`; reads the manifest to fingerprint it."""
+    data_config = config_schema.filled("data", data_config)
     _, path = manifest_path_of(data_config)
-    fractions = tuple(float(f) for f in (data_config.get("split_fractions", None)
+    fractions = tuple(float(f) for f in (data_config.split_fractions
                                          or DEFAULT_SPLIT_FRACTIONS))
     _check_fractions(fractions)
-    seed = int(data_config.get("split_seed", 0) or 0)
+    seed = data_config.split_seed
     views = builder_common.views_filter(data_config)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -249,14 +252,14 @@ def builder_config(data_config: ml_collections.ConfigDict) -> CsvManifestConfig:
                    for c in os.path.splitext(os.path.basename(path))[0])
     return CsvManifestConfig(
         manifest_stem=stem or "manifest", fingerprint=digest.hexdigest()[:10],
-        source_max_size=int(data_config.get("source_max_size",
-                                            builder_common.DEFAULT_SOURCE_MAX_SIZE) or 0),
+        source_max_size=data_config.source_max_size or builder_common.DEFAULT_SOURCE_MAX_SIZE,
         views=views, split_fractions=fractions, split_seed=seed)
 
 
 def build(data_config: ml_collections.ConfigDict) -> CsvManifest:
     """Opens the dataset under `data.data_dir`, preparing it from the manifest first if
     absent."""
+    data_config = config_schema.filled("data", data_config)
     _, path = manifest_path_of(data_config)
     return builder_common.build(CsvManifest, builder_config(data_config), data_config,
                                 manifest_path=path)

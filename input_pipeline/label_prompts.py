@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 
 from input_pipeline import labeler
+from jaxmedclip import config_schema
 
 SALT_PROMPT_ROWS = 31  # Which rows of a global batch are image- / text-label examples.
 SALT_PROMPT_TEXT = 32  # Templates of a row's prompt (plus the text stream).
@@ -67,27 +68,19 @@ SALT_PROMPT_TEXT = 32  # Templates of a row's prompt (plus the text stream).
 class DecoupledData:
     """The validated contents of `data.decoupled` (see the module docstring)."""
 
-    label_prompt_fraction: float = 0.0
-    text_only_fraction: float = 0.0
-    label_only_prompts: bool = True
+    label_prompt_fraction: float = config_schema.defaults("data.decoupled")[
+        "label_prompt_fraction"]
+    text_only_fraction: float = config_schema.defaults("data.decoupled")["text_only_fraction"]
+    label_only_prompts: bool = config_schema.defaults("data.decoupled")["label_only_prompts"]
 
     @classmethod
     def from_config(cls, data_config: ml_collections.ConfigDict) -> DecoupledData | None:
         """None when `data.decoupled` is absent; a ValueError names a bad field."""
-        config = data_config.get("decoupled")
+        data_config = config_schema.filled("data", data_config)
+        config = data_config.decoupled
         if config is None:
             return None
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        if "image_only_fraction" in values:
-            raise ValueError(
-                "data.decoupled.image_only_fraction is now called label_prompt_fraction (the "
-                "rows whose text is replaced by their labels written as a prompt; their "
-                "image stays): rename the key")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data.decoupled keys {unknown}; known: {sorted(known)}")
-        spec = cls(**values)
+        spec = cls(**config_schema.complete_section("data.decoupled", config))
         for name in ("label_prompt_fraction", "text_only_fraction"):
             value = getattr(spec, name)
             if not 0 <= value <= 1:
@@ -97,7 +90,7 @@ class DecoupledData:
                 f"data.decoupled.label_prompt_fraction={spec.label_prompt_fraction} plus "
                 f"text_only_fraction={spec.text_only_fraction} is more than the whole batch;"
                 " their sum must be at most 1")
-        if spec.text_only_fraction and data_config.get("multiview", False):
+        if spec.text_only_fraction and data_config.multiview:
             raise ValueError(
                 f"data.decoupled.text_only_fraction={spec.text_only_fraction} with "
                 "data.multiview: the multi-view terms need both images and both texts of "

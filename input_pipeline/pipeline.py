@@ -38,7 +38,6 @@ from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.label_prompts import DecoupledData
 from input_pipeline.stages.batch import (
     BAD_FRACTION_MIN_EXAMPLES,
-    DEFAULT_MAX_BAD_FRACTION,
     BatchStage,
     stop_above_bad_fraction,
 )
@@ -48,6 +47,7 @@ from input_pipeline.stages.source import RecordReader, StepRecords, record_parse
 from input_pipeline.stages.text import TextStage, text_hash
 from input_pipeline.stages.views import SECOND_STREAM, MultiviewData, OtherViews
 from input_pipeline.tokenizer import Tokenizer, ensure_tokenizer, tensorflow_on_host
+from jaxmedclip import config_schema
 from jaxmedclip.batch_schema import batch_fields
 
 __all__ = ["DATASET_BUILDERS", "build_dataset", "image_preprocess", "make_dataset", "prepare"]
@@ -64,15 +64,22 @@ DATASET_BUILDERS: dict[str, Callable] = {
 tensorflow_on_host()  # Before any TensorFlow op can claim accelerator memory.
 
 
+def complete_data(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`data` checked, every declared field filled (`config_schema`; idempotent)."""
+    return config_schema.filled("data", data_config)
+
+
 def prepare(data_config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder,
                                                               Tokenizer]:
     """Builds the dataset and trains its tokenizer where needed; returns both."""
+    data_config = complete_data(data_config)
     builder = build_dataset(data_config)
     return builder, ensure_tokenizer(data_config, builder)
 
 
 def build_dataset(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder of `data.name` (built first where absent)."""
+    data_config = complete_data(data_config)
     build = DATASET_BUILDERS.get(data_config.name)
     if build is None:
         raise ValueError(f"data.name={data_config.name!r} is not a known dataset; "
@@ -91,6 +98,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
     in evaluation, batches before it are left out). `process_index`/`process_count`
     default to `jax.process_index()/process_count()`.
     """
+    data_config = complete_data(data_config)
     if process_index is None or process_count is None:
         import jax
 
@@ -116,7 +124,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, builder: tfds.core.Data
                .map(stages.assemble, num_parallel_calls=parallel))
     share = -(-len(stages.records.source) // process_count)
     dataset = stop_above_bad_fraction(
-        dataset, data_config.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION),
+        dataset, data_config.max_bad_fraction,
         min(BAD_FRACTION_MIN_EXAMPLES, share))
     options = tf.data.Options()
     options.deterministic = True

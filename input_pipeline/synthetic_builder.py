@@ -151,7 +151,7 @@ def builder_config(data_config: ml_collections.ConfigDict) -> SyntheticCxrConfig
 def build(data_config: ml_collections.ConfigDict) -> SyntheticCxr:
     """Opens the dataset under `data_config.data_dir`, generating it first if absent."""
     tensorflow_on_host()  # Writing records runs TensorFlow ops; keep them off the GPUs.
-    data_dir = data_config.get("data_dir") or default_data_dir()
+    data_dir = data_config.data_dir or default_data_dir()
     config = builder_config(data_config)
     builder = SyntheticCxr(config=config, data_dir=data_dir)
     if not builder.is_prepared():

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides = config_lib.override_flags(parser, rest)
 
     try:
-        config = config_lib.config_from_flags(args.config, overrides)
+        config = config_lib.config_from_flags(args.config, overrides, required=False)
         builder = pipeline.build_dataset(config.data)
         if args.split.split("[")[0] not in builder.info.splits:
             raise ValueError(f"split {args.split!r} not in {sorted(builder.info.splits)}")

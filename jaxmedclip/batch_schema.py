@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxmedclip import config_schema
 from jaxmedclip.vocabulary import CHEXPERT_FINDINGS
 
 IMAGE_CHANNELS = 1  # Grayscale: the pipeline decodes every image to one channel.
@@ -49,6 +50,7 @@ def batch_fields(data_config: Mapping[str, Any], batch_size: int, *, train: bool
                  ) -> dict[str, Field]:
     """name -> (shape, dtype) of every field of a batch of `batch_size` rows that the
     input pipeline yields for `data_config` (see the module docstring)."""
+    data_config = config_schema.filled("data", data_config)
     b, size, length = batch_size, data_config["image_size"], data_config["max_text_len"]
     image = ((b, size, size, IMAGE_CHANNELS), np.dtype(np.float32))
     tokens = ((b, length), np.dtype(np.int32))
@@ -67,9 +69,9 @@ def batch_fields(data_config: Mapping[str, Any], batch_size: int, *, train: bool
     if not train:
         fields.update(text=((b,), np.dtype(object)), view=((b,), np.dtype(object)))
         return fields
-    if data_config.get("multiview", False):
+    if data_config.multiview:
         fields.update(image2=image, tokens2=tokens, text_id2=row_int)
-    if data_config.get("decoupled") is not None:
+    if data_config.decoupled is not None:
         fields.update(label_prompt=row_bool, image_mask=row_bool, text_mask=row_bool)
     return fields
 

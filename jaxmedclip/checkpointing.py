@@ -35,6 +35,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from jaxmedclip import config_schema
+
 log = logging.getLogger("jaxmedclip.checkpointing")
 
 CHECKPOINTS = "checkpoints"
@@ -96,10 +98,10 @@ class CheckpointPolicy:
     """Which checkpoints are kept: the last `keep`, plus the `keep_best` best by
     `best_metric` (a key of the logged evaluation metrics; None: no best ones kept)."""
 
-    keep: int = 3
+    keep: int = config_schema.FIELDS["checkpoint_keep"].default
     best_metric: str | None = None
-    best_mode: str = "max"
-    keep_best: int = 1
+    best_mode: str = config_schema.FIELDS["checkpoint_best_mode"].default
+    keep_best: int = config_schema.FIELDS["checkpoint_keep_best"].default
 
     def __post_init__(self):
         if self.keep < 1:
@@ -115,13 +117,11 @@ class CheckpointPolicy:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> CheckpointPolicy:
         """From `checkpoint_keep`, `checkpoint_best_metric`, `checkpoint_best_mode` and
-        `checkpoint_keep_best` (each optional, defaults as in this class)."""
-        return cls(
-            keep=int(config.get("checkpoint_keep", cls.keep)),
-            best_metric=config.get("checkpoint_best_metric") or None,
-            best_mode=str(config.get("checkpoint_best_mode", cls.best_mode)),
-            keep_best=int(config.get("checkpoint_keep_best", cls.keep_best)),
-        )
+        `checkpoint_keep_best` of a completed config (`config_schema.complete`)."""
+        config = config_schema.filled("", {k: v for k, v in config.items()
+                                            if k.startswith("checkpoint_")})
+        return cls(keep=config.checkpoint_keep, best_metric=config.checkpoint_best_metric or None,
+                   best_mode=config.checkpoint_best_mode, keep_best=config.checkpoint_keep_best)
 
     def metric_value(self) -> Callable[[Mapping[str, float]], float]:
         """Orders checkpoints worst to best (a checkpoint without the metric is worst)."""

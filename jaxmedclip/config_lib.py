@@ -18,7 +18,10 @@ import ml_collections
 
 
 def _parse_value(text: str, default: Any) -> Any:
-    """Converts `text` to the type of `default` (bool, int, float, str, tuple, list)."""
+    """Converts `text` to the type of `default` (bool, int, float, str, tuple, list);
+    "None" is None whatever the type (the schema refuses it where a value is needed)."""
+    if text.strip() == "None":
+        return None
     if isinstance(default, bool):
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "y", "t"):
@@ -70,7 +73,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/experiment.py[:arg]` and returns `get_config(arg)`."""
+    """Loads `path/to/experiment.py[:arg]` and returns `get_config(arg)`, checked and
+    with every declared field filled in (`config_schema.complete`)."""
+    from jaxmedclip import config_schema
+
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
@@ -80,7 +86,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"config file {path!r} defines no get_config(arg=None)")
-    return module.get_config(arg or None)
+    return config_schema.complete(module.get_config(arg or None), required=False)
 
 
 def apply_overrides(
@@ -94,6 +100,7 @@ def apply_overrides(
     config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
     for override in overrides:
         field, sep, text = override.partition("=")
+        field = field.strip()
         if not sep:
             raise ValueError(f"override {override!r} is not of the form field.path=value")
         *parents, leaf = field.split(".")
@@ -105,6 +112,10 @@ def apply_overrides(
                 raise KeyError(f"unknown config field {field!r}: {here} has fields {valid}")
             if i < len(parents):
                 node = node[part]
+                if node is None:
+                    group = ".".join(parents[: i + 1])
+                    raise ValueError(f"config field {field!r}: the group {group} is off "
+                                     f"(None); switch it on in the experiment file")
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             raise ValueError(f"config field {field!r} is a group; override one of its fields")
@@ -125,11 +136,12 @@ def override_flags(parser, rest: Iterable[str]) -> list[str]:
     return [item[len("--config.") :] for item in rest]
 
 
-def config_from_flags(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """`--config path.py:arg` plus `--config.field=value` overrides; every key checked
-    against the declared fields (`config_schema`)."""
+def config_from_flags(spec: str, overrides: Iterable[str] = (), *, required: bool = True
+                      ) -> ml_collections.ConfigDict:
+    """`--config path.py:arg` plus `--config.field=value` overrides (any declared field),
+    checked against the declared fields (`config_schema`). `required=False`: fields
+    without a default may be absent (the data tools read only `data`)."""
     from jaxmedclip import config_schema
 
-    config = apply_overrides(load_config(spec), overrides)
-    config_schema.check_fields(config)
-    return config
+    return config_schema.complete(apply_overrides(load_config(spec), overrides),
+                                  required=required)

@@ -21,7 +21,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmedclip import checkpointing, config_lib, evaluation, models, parallel, train, training
+from jaxmedclip import (
+    checkpointing,
+    config_lib,
+    config_schema,
+    evaluation,
+    models,
+    parallel,
+    train,
+    training,
+)
 from jaxmedclip.evaluation import report as report_lib
 
 log = logging.getLogger("jaxmedclip.evaluate")
@@ -61,6 +70,7 @@ def model_setup(config: ml_collections.ConfigDict) -> ModelSetup:
     shardings (from `jax.eval_shape` of the init; nothing is materialised)."""
     import flax.linen as nn
 
+    config = config_schema.complete(config)
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
     model = models.build_model(config.model, config.data)

@@ -86,12 +86,11 @@ def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "model.image.name": image.name,
         "model.text.name": text.name,
         "model.image.pool": image.pool,
-        "model.image.pre_norm": bool(image.get("pre_norm", False)),
+        "model.image.pre_norm": image.pre_norm,
         "model.text.variant": text.variant,
-        "model.text.pool": text.get("pool", None)
-        or ("eos" if text.variant == "causal" else "first"),
-        "model.text.layout": text.get("layout", "pre_ln"),
-        "model.image_projection": bool(model.get("image_projection", True)),
+        "model.text.pool": text.pool or ("eos" if text.variant == "causal" else "first"),
+        "model.text.layout": text.layout,
+        "model.image_projection": model.image_projection,
         "loss.name": config.loss.name,
     }
 
@@ -284,7 +283,7 @@ def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
     data = config.data
     name = f"spm_{data.tokenizer_type}_{data.vocab_size}.model"
     data_dir = (
-        data.get("data_dir")
+        data.data_dir
         or os.environ.get("JAXMEDCLIP_DATA_DIR")
         or os.path.expanduser("~/.cache/jaxmedclip/tfds")
     )

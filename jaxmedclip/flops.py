@@ -46,10 +46,10 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> float:
     flops += _encoder_forward(data.max_text_len, text.width, text.depth, text.mlp_ratio)
     flops += 2 * model.embed_dim * (image.width + text.width)
     loss_terms = 1
-    multiview = config.loss.get("multiview") if config.get("loss") is not None else None
+    multiview = config.loss.multiview
     if multiview is not None:
         flops *= 2  # Both towers run on the second view and text too.
-        loss_terms = 4 + sum(multiview.get(f"{name}_weight", 1.0) > 0
+        loss_terms = 4 + sum(multiview[f"{name}_weight"] > 0
                              for name in ("image_image", "text_text"))
     # One row and one column of the global [B, B] logit matrix per example and term.
     flops += loss_terms * 2 * 2 * config.global_batch_size * model.embed_dim

@@ -45,8 +45,8 @@ import ml_collections
 import numpy as np
 import optax
 
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
-OPTIMIZERS = ("adamw", "lamb")
+from jaxmedclip import config_schema
+from jaxmedclip.config_schema import OPTIMIZERS, SCHEDULES  # noqa: F401 (their home was here)
 
 # Top-level parameters of each tower (TwoTower): what the per-tower multipliers scale.
 TOWER_PARAMS = {"image": ("image_tower", "image_proj"), "text": ("text_tower", "text_proj")}
@@ -63,9 +63,9 @@ _SCANNED_BLOCKS = "blocks"
 OptimConfig = ml_collections.ConfigDict | Mapping[str, Any]
 
 
-def _choose(field: str, value: Any, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ValueError(f"optim.{field}={value!r} is unknown; choose one of {tuple(options)}")
+def _complete(optim_config: OptimConfig) -> dict[str, Any]:
+    """`optim` checked, every declared field filled (`config_schema`; idempotent)."""
+    return config_schema.complete_section("optim", optim_config)
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -88,8 +88,9 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
 
 def peak_learning_rate(optim_config: OptimConfig, global_batch_size: int | None = None) -> float:
     """`learning_rate`, scaled linearly by global_batch_size / base_batch_size if set."""
-    lr = float(optim_config["learning_rate"])
-    base = optim_config.get("base_batch_size")
+    optim_config = _complete(optim_config)
+    lr = optim_config["learning_rate"]
+    base = optim_config["base_batch_size"]
     if base is None:
         return lr
     if int(base) <= 0:
@@ -106,11 +107,11 @@ def make_schedule(
     optim_config: OptimConfig, total_steps: int, *, global_batch_size: int | None = None
 ) -> optax.Schedule:
     """Linear warmup to the peak learning rate, then the named schedule (and cooldown)."""
+    optim_config = _complete(optim_config)
     lr = peak_learning_rate(optim_config, global_batch_size)
-    warmup = int(optim_config["warmup_steps"])
-    cooldown = int(optim_config.get("cooldown_steps", 0) or 0)
+    warmup = optim_config["warmup_steps"]
+    cooldown = optim_config["cooldown_steps"]
     name = optim_config["schedule"]
-    _choose("schedule", name, SCHEDULES)
     if warmup < 0 or cooldown < 0:
         raise ValueError(
             f"optim.warmup_steps={warmup} and optim.cooldown_steps={cooldown} must be >= 0"
@@ -131,7 +132,7 @@ def make_schedule(
     elif name == "linear":
         decay_fn = optax.linear_schedule(lr, 0.0, decay_steps)
     elif name == "rsqrt":
-        timescale = float(optim_config.get("rsqrt_timescale") or (warmup or 10_000))
+        timescale = float(optim_config["rsqrt_timescale"] or (warmup or 10_000))
         if timescale <= 0:
             raise ValueError(f"optim.rsqrt_timescale={timescale} must be positive")
         decay_fn = lambda step: lr * jax.lax.rsqrt(1.0 + jnp.asarray(step, jnp.float32) / timescale)
@@ -182,7 +183,7 @@ def decay_mask(params: Any, *, decay_embeddings: bool = True) -> Any:
 
 def frozen_prefixes(optim_config: OptimConfig) -> tuple[tuple[str, ...], ...]:
     """`optim.frozen` as path prefixes: a name, a tuple of names, or "a,b/c"."""
-    frozen = optim_config.get("frozen") or ()
+    frozen = _complete(optim_config)["frozen"] or ()
     if isinstance(frozen, str):
         frozen = frozen.split(",")
     prefixes = tuple(tuple(p for p in str(f).strip().split("/") if p) for f in frozen)
@@ -244,13 +245,12 @@ def _multiplier_options(optim_config: OptimConfig) -> tuple[dict[str, float], fl
     towers = {}
     for tower in TOWER_PARAMS:
         field = f"{tower}_lr_mult"
-        value = float(optim_config.get(field, 1.0))
+        value = optim_config[field]
         if value < 0:
             raise ValueError(f"optim.{field}={value} must be >= 0")
         towers[tower] = value
-    decay = optim_config.get("layer_decay")
+    decay = optim_config["layer_decay"]
     if decay is not None:
-        decay = float(decay)
         if not 0 < decay <= 1:
             raise ValueError(f"optim.layer_decay={decay} must be in (0, 1] (or None: off)")
     return towers, decay
@@ -262,7 +262,7 @@ def lr_multipliers(params: Any, optim_config: OptimConfig) -> Any:
     A tree like `params` of floats, and of float32 [L] arrays for scanned blocks (one
     multiplier per layer slice of the stacked parameter).
     """
-    towers, decay = _multiplier_options(optim_config)
+    towers, decay = _multiplier_options(_complete(optim_config))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     depths = _tower_depths([(path_names(p), np.shape(x)) for p, x in flat])
     tower_of = {name: tower for tower, names in TOWER_PARAMS.items() for name in names}
@@ -311,7 +311,7 @@ def scale_by_lr_multipliers(
 def _base_optimizer(
     optim_config: OptimConfig, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    decay_embeddings = bool(optim_config.get("decay_embeddings", True))
+    decay_embeddings = optim_config["decay_embeddings"]
     mask = lambda params: decay_mask(params, decay_embeddings=decay_embeddings)
     common = dict(
         b1=optim_config["b1"],
@@ -332,13 +332,13 @@ def make_optimizer(
 
     `global_batch_size` is needed when `optim.base_batch_size` scales the learning rate.
     """
-    _choose("name", optim_config["name"], OPTIMIZERS)
+    optim_config = _complete(optim_config)
     schedule = make_schedule(optim_config, total_steps, global_batch_size=global_batch_size)
     towers, layer_decay = _multiplier_options(optim_config)
     prefixes = frozen_prefixes(optim_config)
 
     trainable = []
-    if optim_config.get("grad_clip_norm"):
+    if optim_config["grad_clip_norm"]:
         trainable.append(optax.clip_by_global_norm(optim_config["grad_clip_norm"]))
     trainable.append(_base_optimizer(optim_config, schedule))
     tx = optax.chain(*trainable)

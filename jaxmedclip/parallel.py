@@ -78,7 +78,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None =
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple:
     """The config's logical-axis rules (`config.logical_axis_rules`) or the defaults."""
-    rules = config.get("logical_axis_rules")
+    rules = config.logical_axis_rules
     if rules is None:
         return DEFAULT_RULES
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)

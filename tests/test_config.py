@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxmedclip import config_lib, config_schema, train, training
+from jaxmedclip import config_lib, config_schema, losses, train, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "experiments/tiny_synthetic.py"
@@ -140,8 +140,9 @@ def test_bad_config_stops_before_work(override, message, tmp_path, capsys):
 def test_every_experiment_passes_the_config_checks(spec):
     """Each shipped experiment, as its default options build it, is a config the trainer
     accepts (the checks run before any data is built)."""
-    training.check_config(config_lib.load_config(spec))
-    config_schema.check_fields(config_lib.load_config(spec))
+    config = config_lib.load_config(spec)
+    training.check_config(config)
+    assert config_schema.complete(config).to_dict() == config.to_dict()  # Idempotent.
 
 
 def write_experiment(tmp_path, edit):
@@ -193,9 +194,9 @@ def test_declared_groups_match_the_code_that_reads_them():
     assert set(config_schema.DECOUPLED) == names(DecoupledData)
     assert set(config_schema.MULTIVIEW) == names(multiview.MultiviewSpec)
     assert set(config_schema.SYNTHETIC) <= names(SyntheticCxrConfig)
-    with pytest.raises(ValueError, match="known: (.*)") as error:
+    with pytest.raises(ValueError, match="loss.local has (.*)") as error:
         local_alignment.local_alignment_config({"not_a_field": 1})
-    assert set(config_schema.LOCAL) == set(eval(error.value.args[0].split("known: ")[1]))
+    assert set(config_schema.LOCAL) == set(error.value.args[0].split(" has ")[1].split(", "))
     lr_mults = {f"{tower}_lr_mult" for tower in optim.TOWER_PARAMS}
     assert lr_mults <= set(config_schema.FIELDS["optim"])
 
@@ -209,3 +210,49 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
     gloria = config_lib.load_config("experiments/gloria_synthetic.py:runlocal")
     with pytest.raises(ValueError, match=r"raise data.vocab_size"):
         training.word_starts_of(gloria, ["\u2581a"] * (gloria.data.vocab_size + 1))
+
+
+def test_every_declared_field_is_filled_so_any_can_be_overridden(tmp_path):
+    """Fields an experiment file leaves out take their declared defaults at load, so a
+    --config override reaches them too."""
+    config = config_lib.load_config(TINY + ":runlocal")
+    assert config.loss.label_smoothing == 0.0 and config.optim.cooldown_steps == 0
+    assert config.model.text.layout == "pre_ln" and config.loss.local is None
+    overridden = config_lib.config_from_flags(
+        TINY + ":runlocal", ["loss.label_smoothing=0.1", "optim.cooldown_steps=3",
+                             "loss.impl=ring", "loss.tile_size=8", "optim.b1=1"])
+    assert overridden.loss.label_smoothing == 0.1 and overridden.optim.cooldown_steps == 3
+    assert overridden.optim.b1 == 1.0 and isinstance(overridden.optim.b1, float)
+    assert losses.LossSpec.from_config(overridden.loss).tile_size == 8
+    with pytest.raises(ValueError, match="loss.local is off"):
+        config_lib.config_from_flags(TINY + ":runlocal", ["loss.local.weight=1"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("config.loss.impl = 'rng'", r"loss.impl='rng' is unknown; choose one of "
+                                 r"\['dense', 'all_gather', 'ring'\]"),
+    ("config.loss.tile_size = 'big'", r"loss.tile_size='big' must be int, not str"),
+    ("config.model.remat = 1", r"model.remat=1 must be bool, not int"),
+    ("config.optim.learning_rate = None", r"optim.learning_rate is None; it needs a value"),
+    ("config = ml_collections.ConfigDict(dict(data=dict(name='synthetic_cxr')))",
+     r"total_steps is required"),
+    ("config.data.decoupled = ml_collections.ConfigDict(dict(image_only_fraction=0.1))",
+     r"data.decoupled.image_only_fraction is now called label_prompt_fraction"),
+    ("config.model.image.pool = 'gap'", r"model.image.pool='gap' is unknown"),
+])
+def test_a_bad_value_is_refused_at_load_naming_field_and_what_fits(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.config_from_flags(write_experiment(tmp_path, edit), [])
+
+
+def test_declared_choices_are_the_ones_the_code_implements():
+    from jaxmedclip import models, optim
+    from jaxmedclip.models import layers, text, vit
+
+    assert set(config_schema.DTYPES) == set(models.DTYPES)
+    assert config_schema.FIELDS["model"]["image"]["name"].choices == tuple(models.IMAGE_TOWERS)
+    assert config_schema.FIELDS["model"]["text"]["name"].choices == tuple(models.TEXT_TOWERS)
+    assert config_schema.FIELDS["model"]["name"].choices == tuple(models.MODELS)
+    assert vit.POOLS == config_schema.IMAGE_POOLS and text.LAYOUTS == config_schema.TEXT_LAYOUTS
+    assert layers.ATTENTION_IMPLS == config_schema.ATTENTION_IMPLS
+    assert optim.SCHEDULES == config_schema.SCHEDULES

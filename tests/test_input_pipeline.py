@@ -488,7 +488,8 @@ def test_tfrecord_datasets_are_refused_with_a_remedy(tmp_path, prepared):
 
 
 def test_library_modules_import_only_the_shared_jaxmedclip_modules():
-    # The core and the data side meet only in vocabulary.py and batch_schema.py; the two
+    # The core and the data side meet only in vocabulary.py, batch_schema.py and
+    # config_schema.py (all three import nothing else of the project); the two
     # command-line entry points (build, train_tokenizer) load experiment files in main().
     code = (
         "import importlib, pkgutil, sys, input_pipeline\n"
@@ -498,7 +499,8 @@ def test_library_modules_import_only_the_shared_jaxmedclip_modules():
         "for name in names:\n"
         "    importlib.import_module(name)\n"
         "core = sorted(m for m in sys.modules if m.split('.')[0] == 'jaxmedclip')\n"
-        "assert core == ['jaxmedclip', 'jaxmedclip.batch_schema', 'jaxmedclip.vocabulary'], "
+        "assert core == ['jaxmedclip', 'jaxmedclip.batch_schema', 'jaxmedclip.config_schema', "
+        "'jaxmedclip.vocabulary'], "
         "core\n")
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)

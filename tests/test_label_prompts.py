@@ -132,7 +132,7 @@ def test_evaluation_ignores_it(data_dir, config, prepared):
      r"label_prompt_fraction=0.75 plus text_only_fraction=0.5 .* sum must be at most 1"),
     (dict(label_prompt_fraction=1.5), r"label_prompt_fraction=1.5 outside \[0, 1\]"),
     (dict(image_only_fraction=0.25), r"image_only_fraction is now called label_prompt_fraction"),
-    (dict(image_fraction=0.5), r"unknown data.decoupled keys \['image_fraction'\]"),
+    (dict(image_fraction=0.5), r"data.decoupled.image_fraction is not a config field"),
 ])
 def test_bad_settings_are_refused(data_dir, prepared, decoupled, message):
     builder, tok = prepared

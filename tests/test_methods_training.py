@@ -196,7 +196,7 @@ def test_local_loss_needs_model_projections_and_word_starts(setup):
         training.make_loss_and_grads(plain, loss_config, mesh, word_starts=setup.word_starts)
     bad = ml_collections.ConfigDict(loss_config.to_dict())
     bad.local.t4 = 1.0
-    with pytest.raises(ValueError, match=r"loss.local has unknown fields \['t4'\]"):
+    with pytest.raises(ValueError, match=r"loss.local.t4 is not a config field"):
         training.make_loss_and_grads(setup.model, bad, mesh, word_starts=setup.word_starts)
     # Weight 0 (or no loss.local) is the plain global loss: nothing else is needed.
     off = ml_collections.ConfigDict(loss_config.to_dict())
@@ -429,8 +429,6 @@ def test_multiview_refusals(setup):
     with pytest.raises(ValueError, match=r"data.multiview=True .* set loss.multiview"):
         training.check_config(no_loss)
     loss_config = ml_collections.ConfigDict(config.loss.to_dict())
-    with pytest.raises(ValueError, match=r"does not support GradCache .* microbatch_size=None"):
-        training.make_loss_and_grads(setup.model, loss_config, setup.mesh, microbatch_size=8)
     loss_config.local = ml_collections.ConfigDict(LOCAL)
     with pytest.raises(ValueError, match=r"loss.multiview and loss.local are not supported"):
         training.make_loss_and_grads(setup.model, loss_config, setup.mesh,

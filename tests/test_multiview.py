@@ -111,7 +111,7 @@ def test_sharded_matches_dense(impl, mesh_name, tile_size):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="is not a config field"):
         multiview.MultiviewSpec.from_config({"image_weight": 1.0})
     with pytest.raises(ValueError, match="image_text_reduction"):
         multiview.MultiviewSpec.from_config({"image_text_reduction": "max"})

@@ -171,7 +171,7 @@ def test_first_view_and_text_are_unchanged_and_evaluation_ignores_it(data_dir, c
     (dict(augment=None), r"data.multiview needs data.augment"),
     (dict(text="report"), r"data.text='report' always gives the same text"),
     (dict(text="findings", multiview_texts="findings_impression"), r"asks for one"),
-    (dict(multiview_texts="labels"), r"data.multiview_texts='labels'; expected one of"),
+    (dict(multiview_texts="labels"), r"data.multiview_texts='labels' is unknown; choose one of"),
 ])
 def test_contradicting_configs_are_refused(data_dir, prepared, overrides, message):
     with pytest.raises(ValueError, match=message):

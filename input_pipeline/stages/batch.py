@@ -19,9 +19,10 @@ import tensorflow as tf
 
 from input_pipeline.stages.pixels import IMAGE_NAMES, PixelStage
 from input_pipeline.stages.text import text_hash
+from jaxmedclip import config_schema
 from jaxmedclip.batch_schema import Field, mismatches
 
-DEFAULT_MAX_BAD_FRACTION = 0.05
+DEFAULT_MAX_BAD_FRACTION = config_schema.FIELDS["data"]["max_bad_fraction"].default
 BAD_FRACTION_MIN_EXAMPLES = 1000
 _TEXT_IDS = {"text": "text_id", "text2": "text_id2"}
 

@@ -26,6 +26,7 @@ from input_pipeline.augment import (
     source_warps,
     warp_source,
 )
+from jaxmedclip import config_schema
 
 IMAGE_NAMES = ("image", "image2")  # Stream k augments IMAGE_NAMES[k].
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -99,9 +100,10 @@ class PixelStage:
     `decode` per image, `finish` on the batch of decoded images."""
 
     def __init__(self, data_config: ml_collections.ConfigDict, seed: int, train: bool):
+        data_config = config_schema.filled("data", data_config)
         self.data_config, self.seed, self.train = data_config, seed, train
         self.size = data_config.image_size
-        self.augment = AugmentConfig.from_config(data_config.get("augment"))
+        self.augment = AugmentConfig.from_config(data_config.augment)
         self.warp_from_source = train and self.augment.rotation_degrees > 0
 
     def intact(self, encoded: tf.Tensor) -> tf.Tensor:

@@ -19,8 +19,9 @@ import tensorflow as tf
 from input_pipeline import reports
 from input_pipeline.augment import SALT_STREAM_STRIDE, keyed_uniform, uniform
 from input_pipeline.tokenizer import Tokenizer
+from jaxmedclip import config_schema
 
-TEXT_SOURCES = ("report", "both", "findings", "impression", "sentences")
+TEXT_SOURCES = config_schema.TEXT_SOURCES
 HASH_BUCKETS = 2**31 - 1  # Hashes fit a non-negative int32.
 # Salts of the sentence draws (source.py, augment.py and the other stages: the others).
 SALT_SENTENCES = 2
@@ -113,16 +114,15 @@ class TextStage:
                  seed: int, train: bool, decoupled=None):
         """`decoupled`: the stage that puts label prompts on its chosen rows (training
         with `data.decoupled`), else None."""
-        if data_config.text not in TEXT_SOURCES:
-            raise ValueError(f"data.text={data_config.text!r}; expected one of {TEXT_SOURCES}")
+        data_config = config_schema.filled("data", data_config)  # Checks data.text too.
         self.source, self.tokenizer, self.seed = data_config.text, tokenizer, seed
         self.decoupled = decoupled
         self.sampling = None
         if train and self.source == "sentences":
-            self.sampling = dict(num_sentences=data_config.get("num_sentences"),
-                                 sentence_fraction=data_config.get("sentence_fraction"),
-                                 max_sentences=data_config.get("max_sentences"),
-                                 full_report_prob=data_config.get("full_report_prob", 0.0))
+            self.sampling = dict(num_sentences=data_config.num_sentences,
+                                 sentence_fraction=data_config.sentence_fraction,
+                                 max_sentences=data_config.max_sentences,
+                                 full_report_prob=data_config.full_report_prob)
 
     def __call__(self, example: dict[str, tf.Tensor], rows: dict[str, tf.Tensor],
                  section: str, stream: int = 0

@@ -43,8 +43,9 @@ import tensorflow as tf
 
 from input_pipeline.augment import AugmentConfig, uniform
 from input_pipeline.stages.source import RecordReader
+from jaxmedclip import config_schema
 
-MULTIVIEW_TEXTS = ("resample", "findings_impression")
+MULTIVIEW_TEXTS = config_schema.MULTIVIEW_TEXTS
 SALT_OTHER_VIEW = 21  # Which other view of a study (augment.py and the other stages: others).
 SECOND_STREAM = 1  # Salt stream of the second image's augmentation and second text.
 _STUDY_ID_CHUNK = 4096
@@ -60,12 +61,10 @@ class MultiviewData:
     def from_config(cls, data_config: ml_collections.ConfigDict,
                     augment: AugmentConfig) -> MultiviewData | None:
         """None when `data.multiview` is off; a ValueError names a contradicting field."""
-        if not data_config.get("multiview", False):
+        data_config = config_schema.filled("data", data_config)
+        if not data_config.multiview:
             return None
-        texts = data_config.get("multiview_texts") or "resample"
-        if texts not in MULTIVIEW_TEXTS:
-            raise ValueError(f"data.multiview_texts={texts!r}; expected one of "
-                             f"{MULTIVIEW_TEXTS}")
+        texts = data_config.multiview_texts  # One of MULTIVIEW_TEXTS (config_schema).
         source = data_config.text
         if texts == "resample" and source != "sentences":
             raise ValueError(

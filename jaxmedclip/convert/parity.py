@@ -70,7 +70,7 @@ def sample_images(config: ml_collections.ConfigDict, num: int = 3, seed: int = 0
     """uint8 [num, S, S, C] square images at the model's size: noise, and one smooth
     gradient with a bright disc (values a radiograph spans: dark to saturated)."""
     size = config.data.image_size
-    channels = config.model.image.get("num_channels", 1)
+    channels = config.model.image.num_channels
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (num, size, size, channels), dtype=np.uint8)
     y, x = np.mgrid[:size, :size] / max(size - 1, 1)

@@ -8,48 +8,37 @@ from typing import Any
 
 import ml_collections
 
-LOSSES = ("softmax", "sigmoid")
-IMPLEMENTATIONS = ("dense", "all_gather", "ring")
-TARGETS = ("one_hot", "multi_positive", "soft_labels")
-MULTI_POSITIVE_KEYS = ("study_id", "text_id", "no_finding")
-MATMUL_INPUTS = ("float32", "bfloat16")
+from jaxmedclip import config_schema
+from jaxmedclip.config_schema import LOSS_IMPLS as IMPLEMENTATIONS
+from jaxmedclip.config_schema import LOSSES, MATMUL_INPUTS, MULTI_POSITIVE_KEYS, TARGETS
+
+_DEFAULT = config_schema.defaults("loss")  # The defaults are declared there.
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """The validated contents of the `loss` config (see the package docstring)."""
 
-    name: str = "softmax"
-    impl: str = "all_gather"
-    targets: str = "one_hot"
-    multi_positive_key: tuple[str, ...] = ("study_id",)
-    soft_target_temperature: float = 0.1
-    label_smoothing: float = 0.0
-    i2t_weight: float = 0.5
-    t2i_weight: float = 0.5
-    tile_size: int = 0
-    matmul_inputs: str = "float32"
+    name: str = _DEFAULT["name"]
+    impl: str = _DEFAULT["impl"]
+    targets: str = _DEFAULT["targets"]
+    multi_positive_key: tuple[str, ...] = _DEFAULT["multi_positive_key"]
+    soft_target_temperature: float = _DEFAULT["soft_target_temperature"]
+    label_smoothing: float = _DEFAULT["label_smoothing"]
+    i2t_weight: float = _DEFAULT["i2t_weight"]
+    t2i_weight: float = _DEFAULT["t2i_weight"]
+    tile_size: int = _DEFAULT["tile_size"]
+    matmul_inputs: str = _DEFAULT["matmul_inputs"]
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | Mapping[str, Any]) -> LossSpec:
-        """Reads and checks `config.loss`; missing fields take the defaults above."""
-        get = lambda name: config.get(name, getattr(cls, name))
-        keys = get("multi_positive_key")
+        """Reads and checks `config.loss` (its declared fields: `config_schema.LOSS`)."""
+        values = config_schema.complete_section("loss", config)
+        keys = values["multi_positive_key"]
         if isinstance(keys, str):
             keys = tuple(k.strip() for k in keys.split(",") if k.strip())
-        tile_size = get("tile_size")
-        spec = cls(
-            name=get("name"),
-            impl=get("impl"),
-            targets=get("targets"),
-            multi_positive_key=tuple(keys),
-            soft_target_temperature=float(get("soft_target_temperature")),
-            label_smoothing=float(get("label_smoothing")),
-            i2t_weight=float(get("i2t_weight")),
-            t2i_weight=float(get("t2i_weight")),
-            tile_size=0 if tile_size is None else tile_size,
-            matmul_inputs=get("matmul_inputs"),
-        )
+        spec = cls(**{**{f.name: values[f.name] for f in dataclasses.fields(cls)},
+                      "multi_positive_key": tuple(keys), "tile_size": values["tile_size"] or 0})
         spec.validate()
         return spec
 

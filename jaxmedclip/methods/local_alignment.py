@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxmedclip import config_schema
 from jaxmedclip.losses.collectives import (
     all_gather,
     axes_size,
@@ -258,28 +259,15 @@ def local_alignment_config(config: ml_collections.ConfigDict | Mapping[str, Any]
                            default_impl: str = "all_gather") -> dict[str, Any]:
     """Keyword arguments of `local_alignment_loss` from `config.loss.local`.
 
-    Fields (all optional): t1 (4.0), t2 (5.0), t3 (10.0), impl (default: `default_impl`,
-    i.e. the global loss's `loss.impl`), i2t_weight, t2i_weight (0.5 each). `weight` (the
+    Fields and defaults: `config_schema.LOCAL`; `impl` None means `default_impl`, i.e.
+    the global loss's `loss.impl`. `weight` (the
     term's weight in the total loss) and `max_words` (for `merge_subwords`) are the
     trainer's and are not returned.
     """
-    if isinstance(config, ml_collections.ConfigDict):
-        config = config.to_dict()
-    config = {} if config is None else dict(config)
-    known = {"weight", "max_words", "t1", "t2", "t3", "impl", "i2t_weight", "t2i_weight"}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(f"loss.local has unknown fields {unknown}; known: {sorted(known)}")
-    kwargs = {
-        "t1": float(config.get("t1", 4.0)), "t2": float(config.get("t2", 5.0)),
-        "t3": float(config.get("t3", 10.0)), "impl": config.get("impl") or default_impl,
-        "i2t_weight": float(config.get("i2t_weight", 0.5)),
-        "t2i_weight": float(config.get("t2i_weight", 0.5)),
-    }
+    values = config_schema.complete_section("loss.local", config)
+    kwargs = {name: values[name] for name in ("t1", "t2", "t3", "i2t_weight", "t2i_weight")}
+    kwargs["impl"] = values["impl"] or default_impl
     for name in ("t1", "t2", "t3"):
         if not kwargs[name] > 0:
             raise ValueError(f"loss.local.{name}={kwargs[name]} must be > 0")
-    if kwargs["impl"] not in IMPLEMENTATIONS:
-        raise ValueError(f"loss.local.impl={kwargs['impl']!r} is unknown; choose one of "
-                         f"{IMPLEMENTATIONS}")
     return kwargs

@@ -34,35 +34,25 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from jaxmedclip import losses
+from jaxmedclip import config_schema, losses
 
-REDUCTIONS = ("mean", "sum")
+_DEFAULT = config_schema.defaults("loss.multiview")  # The defaults are declared there.
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiviewSpec:
     """The validated contents of `config.loss.multiview` (see the module docstring)."""
 
-    image_text_weight: float = 1.0
-    image_image_weight: float = 1.0
-    text_text_weight: float = 1.0
-    image_text_reduction: str = "mean"
+    image_text_weight: float = _DEFAULT["image_text_weight"]
+    image_image_weight: float = _DEFAULT["image_image_weight"]
+    text_text_weight: float = _DEFAULT["text_text_weight"]
+    image_text_reduction: str = _DEFAULT["image_text_reduction"]
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | Mapping[str, Any] | None
                     ) -> MultiviewSpec:
-        if isinstance(config, ml_collections.ConfigDict):
-            config = config.to_dict()
-        config = {} if config is None else dict(config)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - fields)
-        if unknown:
-            raise ValueError(f"loss.multiview has unknown fields {unknown}; known: "
-                             f"{sorted(fields)}")
-        spec = cls(**config)
-        if spec.image_text_reduction not in REDUCTIONS:
-            raise ValueError(f"loss.multiview.image_text_reduction="
-                             f"{spec.image_text_reduction!r}; choose one of {REDUCTIONS}")
+        """`loss.multiview` (None: the defaults), checked (`config_schema.MULTIVIEW`)."""
+        spec = cls(**config_schema.complete_section("loss.multiview", config))
         for name in ("image_text_weight", "image_image_weight", "text_text_weight"):
             if getattr(spec, name) < 0:
                 raise ValueError(f"loss.multiview.{name}={getattr(spec, name)} must be >= 0")

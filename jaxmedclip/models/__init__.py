@@ -5,11 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmedclip.models.layers import ATTENTION_IMPLS
-from jaxmedclip.models.text import LAYOUTS, VARIANTS, TextTransformer
-from jaxmedclip.models.text import POOLS as TEXT_POOLS
+from jaxmedclip import config_schema
+from jaxmedclip.models.text import TextTransformer
 from jaxmedclip.models.two_tower import TwoTower, l2_normalize
-from jaxmedclip.models.vit import POOLS, ViT
+from jaxmedclip.models.vit import ViT
 from jaxmedclip.vocabulary import EOS_ID, PAD_ID
 
 IMAGE_TOWERS = {"vit": ViT}
@@ -17,19 +16,7 @@ TEXT_TOWERS = {"transformer": TextTransformer}
 MODELS = {"two_tower": TwoTower}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# Fixed special token ids of our SentencePiece models (input_pipeline.tokenizer).
-
 __all__ = ["build_model", "TwoTower", "ViT", "TextTransformer", "l2_normalize"]
-
-
-def _choice(field: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{field}={value!r} is unknown; choose one of {sorted(options, key=str)}")
-
-
-def _dtype(field: str, name: str):
-    _choice(field, name, DTYPES)
-    return DTYPES[name]
 
 
 def build_model(
@@ -38,34 +25,25 @@ def build_model(
     """Builds the two-tower model; checks every field before any work is done.
 
     The image size, vocabulary size and text length come from `data_config`, so that the
-    model always matches the data it is fed.
+    model always matches the data it is fed. `model_config`'s fields, their defaults and
+    choices are declared in `config_schema` (and checked there).
     """
-    _choice("model.name", model_config.name, MODELS)
+    model_config = ml_collections.ConfigDict(
+        config_schema.complete_section("model", model_config))
     image_cfg, text_cfg = model_config.image, model_config.text
-    _choice("model.image.name", image_cfg.name, IMAGE_TOWERS)
-    _choice("model.text.name", text_cfg.name, TEXT_TOWERS)
-    _choice("model.image.pool", image_cfg.pool, POOLS)
-    _choice("model.text.variant", text_cfg.variant, VARIANTS)
-    # Options added after the first configs: absent means today's behaviour.
-    text_pool = text_cfg.get("pool", None)
-    if text_pool is not None:
-        _choice("model.text.pool", text_pool, TEXT_POOLS)
-    text_layout = text_cfg.get("layout", "pre_ln")
-    _choice("model.text.layout", text_layout, LAYOUTS)
-    image_projection = bool(model_config.get("image_projection", True))
+    image_projection = model_config.image_projection
     if not image_projection and image_cfg.width != model_config.embed_dim:
         raise ValueError(
             f"model.image_projection=False needs model.image.width ({image_cfg.width}) == "
             f"model.embed_dim ({model_config.embed_dim})"
         )
-    attention_impl = model_config.get("attention_impl", None)
-    _choice("model.attention_impl", attention_impl, ATTENTION_IMPLS)
-    dtype = _dtype("model.dtype", model_config.dtype)
+    attention_impl = model_config.attention_impl
+    dtype = DTYPES[model_config.dtype]
     if attention_impl == "cudnn" and dtype == jnp.float32:
         raise ValueError(
             'model.attention_impl="cudnn" needs model.dtype bfloat16 or float16; got float32'
         )
-    param_dtype = _dtype("model.param_dtype", model_config.param_dtype)
+    param_dtype = DTYPES[model_config.param_dtype]
     size, patch = data_config.image_size, image_cfg.patch_size
     if size % patch:
         fits = [p for p in range(1, size + 1) if size % p == 0 and 4 <= p <= 32]
@@ -94,7 +72,7 @@ def build_model(
         mlp_ratio=image_cfg.mlp_ratio,
         pool=image_cfg.pool,
         num_channels=image_cfg.num_channels,
-        pre_norm=bool(image_cfg.get("pre_norm", False)),
+        pre_norm=image_cfg.pre_norm,
         **common,
     )
     text_tower = TEXT_TOWERS[text_cfg.name](
@@ -107,8 +85,8 @@ def build_model(
         variant=text_cfg.variant,
         pad_id=PAD_ID,
         eos_id=EOS_ID,
-        pool=text_pool,
-        layout=text_layout,
+        pool=text_cfg.pool,
+        layout=text_cfg.layout,
         **common,
     )
     return MODELS[model_config.name](
@@ -119,7 +97,7 @@ def build_model(
         max_scale=model_config.max_scale,
         bias_init=model_config.bias_init,
         image_projection=image_projection,
-        local_dim=model_config.get("local_dim"),
+        local_dim=model_config.local_dim,
         dtype=dtype,
         param_dtype=param_dtype,
     )

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmedclip import config_schema
+
 Dtype = Any
 
 dense_init = nn.initializers.xavier_uniform()
@@ -35,9 +37,9 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.
     )
 
 
-# `jax.nn.dot_product_attention` implementations: None (XLA), "xla", or "cudnn" (fused
-# flash attention on NVIDIA GPUs; bfloat16/float16 only).
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+# `jax.nn.dot_product_attention` implementations (config_schema.ATTENTION_IMPLS): None
+# (XLA), "xla", or "cudnn" (fused flash attention on NVIDIA GPUs; bfloat16/float16 only).
+ATTENTION_IMPLS = config_schema.ATTENTION_IMPLS
 
 
 class Attention(nn.Module):

@@ -6,12 +6,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmedclip import config_schema
 from jaxmedclip.models.layers import Dtype, Encoder, dense_init, embed_init, layer_norm, logical
 
-VARIANTS = ("causal", "bidirectional")
+VARIANTS = config_schema.TEXT_VARIANTS
 # Where the pooled vector is read; None: the variant's default (causal: eos, else first).
-POOLS = ("eos", "first", "last")
-LAYOUTS = ("pre_ln", "bert")
+POOLS = tuple(p for p in config_schema.TEXT_POOLS if p is not None)
+LAYOUTS = config_schema.TEXT_LAYOUTS
 
 
 class TextTransformer(nn.Module):

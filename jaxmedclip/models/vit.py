@@ -6,9 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmedclip import config_schema
 from jaxmedclip.models.layers import Attention, Dtype, Encoder, Mlp, embed_init, layer_norm, logical
 
-POOLS = ("cls", "mean", "map")
+POOLS = config_schema.IMAGE_POOLS
 
 
 class AttentionPool(nn.Module):

@@ -74,11 +74,12 @@ def from_microbatches(x: jax.Array, mesh: Mesh) -> jax.Array:
 
 def gradcache_loss_and_grads(
     embed: Callable, head_loss: Callable, full_batch: Callable, microbatch_size: int,
-    mesh: Mesh, param_shardings: Any = None,
+    mesh: Mesh, param_shardings: Any = None, input_fields: tuple[str, ...] = ("image", "tokens"),
 ) -> Callable:
     """`loss_and_grads(params, batch)` by GradCache over micro-batches of `microbatch_size`.
 
-    `embed(params, images, tokens)` -> the per-example features the loss reads;
+    `embed(params, inputs)` -> the per-example features the loss reads, `inputs` being
+    the batch's `input_fields` (images and tokens; with multi-view also the second ones);
     `head_loss(params, features, batch)` -> (loss, metrics) of the whole batch's features;
     `full_batch(params, batch)`: the un-split loss and gradients (used when one
     micro-batch is the whole batch). `param_shardings` (optional) keeps the gradient
@@ -103,13 +104,11 @@ def gradcache_loss_and_grads(
         if num_micro == 1:
             return full_batch(params, batch)
         split = lambda x: to_microbatches(x, num_micro, mesh)
-        images, tokens = split(batch["image"]), split(batch["tokens"])
+        inputs = {name: split(batch[name]) for name in input_fields}
 
         # 1. Embeddings of the whole batch; no gradient flows here, so nothing is saved.
         fixed = jax.lax.stop_gradient(params)
-        _, cached = jax.lax.scan(
-            lambda carry, xs: (carry, embed(fixed, *xs)), None, (images, tokens)
-        )
+        _, cached = jax.lax.scan(lambda carry, xs: (carry, embed(fixed, xs)), None, inputs)
         cached = jax.tree.map(lambda x: from_microbatches(x, mesh), cached)
 
         # 2. The full-batch loss; gradients w.r.t. embeddings and the temperature/bias.
@@ -119,16 +118,14 @@ def gradcache_loss_and_grads(
 
         # 3. Back-propagate the cached embedding gradients micro-batch by micro-batch.
         def accumulate(grads, xs):
-            micro_images, micro_tokens, micro_d_cached = xs
-            _, pullback = jax.vjp(lambda p: embed(p, micro_images, micro_tokens), params)
+            micro_inputs, micro_d_cached = xs
+            _, pullback = jax.vjp(lambda p: embed(p, micro_inputs), params)
             (micro_grads,) = pullback(micro_d_cached)
             grads = jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads)
             return constrain(grads), None
 
         start = constrain(jax.tree.map(lambda g: g.astype(jnp.float32), head_grads))
-        grads, _ = jax.lax.scan(
-            accumulate, start, (images, tokens, jax.tree.map(split, d_cached))
-        )
+        grads, _ = jax.lax.scan(accumulate, start, (inputs, jax.tree.map(split, d_cached)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return (loss, metrics), grads
 

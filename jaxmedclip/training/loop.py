@@ -19,12 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmedclip import checkpointing, evaluation, flops, parallel
+from jaxmedclip import checkpointing, config_schema, evaluation, flops, parallel
 from jaxmedclip.training.metrics import MetricsWriter, ProgressBar, finite_metrics
 from jaxmedclip.training.preemption import PreemptionWatch
 from jaxmedclip.training.resume import record_tokenizer, resume
 from jaxmedclip.training.setup import Setup, build, check_tokenizer_fits, with_tokenizer
 from jaxmedclip.training.state import TrainState
+from jaxmedclip.training.stream import StepInterrupted
 
 log = logging.getLogger("jaxmedclip.train")
 
@@ -82,6 +83,7 @@ def train(
     readable one, refusing a config whose seed or global batch size differ from it
     unless `allow_data_position_change`.
     """
+    config = config_schema.complete(config)
     os.makedirs(workdir, exist_ok=True)
     from input_pipeline import pipeline  # tensorflow is needed from here on only.
 
@@ -121,7 +123,7 @@ def loop(run: Run, state: TrainState, start_step: int) -> dict:
     eval_cfg = evaluation.eval_config(config)
     eval_every = eval_cfg.every_steps
     embedder = evaluation.embed.Embedder(model, mesh, setup.rules) if eval_every else None
-    checkpoint_every = int(config.get("checkpoint_every") or 0)
+    checkpoint_every = config.checkpoint_every
     step_tflops = flops.train_flops_per_step(config) / mesh.size / 1e12
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -144,6 +146,11 @@ def loop(run: Run, state: TrainState, start_step: int) -> dict:
             force=True,
         )
 
+    # make_train_step's steps take the host batch; a bare `step(state, global_batch)`
+    # (e.g. a wrapped step in a test) gets it as global arrays.
+    from_host = getattr(train_step, "from_host", None) or (
+        lambda state, host_batch, _: train_step(state, parallel.host_to_global(host_batch,
+                                                                                mesh)))
     last: dict[str, float] = {}
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
     try:
@@ -152,7 +159,17 @@ def loop(run: Run, state: TrainState, start_step: int) -> dict:
                 t0 = time.perf_counter()
                 host_batch = next(batches)
                 data_wait += time.perf_counter() - t0
-                state, metrics = train_step(state, parallel.host_to_global(host_batch, mesh))
+                try:
+                    state, metrics = from_host(
+                        state, host_batch, lambda: preemption.should_stop(sync=True))
+                except StepInterrupted:  # Streamed: stopped between micro-batches.
+                    log.info("preempted during step %d: saving step %d, exiting", step,
+                             step - 1)
+                    if step - 1 > 0 and manager.latest_step() != step - 1:
+                        save(step - 1)
+                    break
+                # Streamed: copying micro-batches to the devices, in both passes.
+                data_wait += getattr(train_step, "transfer_s", 0.0)
                 interval_steps += 1
                 progress.update(step)
                 is_last = step == config.total_steps

@@ -15,7 +15,7 @@ When `config.loss.multiview` is set (CXR-CLIP), the towers also embed the batch'
 images and texts (`image2`, `tokens2`, from the input pipeline's `data.multiview`) and
 the global loss is replaced by the multi-view combination of
 `jaxmedclip.methods.multiview` (image-text over the 2x2 pairs, image-image, text-text).
-It is not combined with `loss.local` or GradCache (`microbatch_size`).
+It is not combined with `loss.local`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmedclip import losses, parallel
+from jaxmedclip import config_schema, losses, parallel
 from jaxmedclip.methods import local_alignment, multiview
 
 # The model outputs the loss reads per example (the rest, scale and bias, are scalars).
@@ -37,6 +37,7 @@ EMBEDDINGS = ("image_emb", "text_emb")
 # The batch fields of the second view and text that `loss.multiview` reads.
 MULTIVIEW_INPUTS = ("image2", "tokens2")
 LOCAL_FEATURES = ("image_local", "text_local")
+SECOND_EMBEDDINGS = ("image_emb2", "text_emb2")  # Of `MULTIVIEW_INPUTS`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +54,17 @@ class LocalTerm:
         cls, loss_config: ml_collections.ConfigDict, word_starts: Any, model: nn.Module
     ) -> LocalTerm | None:
         """The term, or None when `loss.local` is absent or its weight is 0."""
-        local = loss_config.get("local") if loss_config is not None else None
+        loss = config_schema.complete_section("loss", loss_config)
+        local = loss["local"]
         if local is None:
             return None
-        weight = float(local.get("weight", 1.0))
+        weight = local["weight"]
         if weight < 0:
             raise ValueError(f"loss.local.weight={weight} must be >= 0 (0: no local loss)")
-        kwargs = local_alignment.local_alignment_config(
-            local, default_impl=loss_config.get("impl", "all_gather")
-        )
+        kwargs = local_alignment.local_alignment_config(local, default_impl=loss["impl"])
         if weight == 0:
             return None
-        max_words = local.get("max_words")
+        max_words = local["max_words"]
         if max_words is not None and (isinstance(max_words, bool) or int(max_words) <= 0):
             raise ValueError(f"loss.local.max_words={max_words!r} must be a positive integer "
                              "or None (all tokens)")
@@ -117,11 +117,6 @@ def check_multiview(loss_config, local: LocalTerm | None, microbatch_size) -> bo
             "loss.multiview and loss.local are not supported together (the local term "
             "would need a choice of view and text); switch one of them off"
         )
-    if microbatch_size is not None:
-        raise ValueError(
-            f"loss.multiview does not support GradCache (microbatch_size={microbatch_size}): "
-            "set microbatch_size=None"
-        )
     return True
 
 
@@ -149,7 +144,13 @@ class Objective:
     @property
     def features(self) -> tuple[str, ...]:
         """The per-example model outputs the loss reads (what GradCache caches)."""
-        return EMBEDDINGS + (LOCAL_FEATURES if self.local is not None else ())
+        return (EMBEDDINGS + (LOCAL_FEATURES if self.local is not None else ())
+                + (SECOND_EMBEDDINGS if self.with_views else ()))
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The batch fields the towers read (what GradCache splits into micro-batches)."""
+        return ("image", "tokens") + (MULTIVIEW_INPUTS if self.with_views else ())
 
     def global_loss(self, out, batch):
         """The global contrastive loss, or the multi-view terms (module doc)."""
@@ -195,10 +196,14 @@ class Objective:
             out = {**out, "image_emb2": second["image_emb"], "text_emb2": second["text_emb"]}
         return self(out, batch)
 
-    def embed(self, params, images, tokens):
-        """The per-example features of a (micro-)batch."""
-        out = self.model.apply({"params": params}, images, tokens)
-        return {name: out[name] for name in self.features}
+    def embed_batch(self, params, inputs):
+        """The per-example features (`features`) of a (micro-)batch's `inputs` fields."""
+        out = self.model.apply({"params": params}, inputs["image"], inputs["tokens"])
+        features = {name: out[name] for name in self.features if name in out}
+        if self.with_views:
+            second = self.model.apply({"params": params}, inputs["image2"], inputs["tokens2"])
+            features.update(image_emb2=second["image_emb"], text_emb2=second["text_emb"])
+        return features
 
     def head_loss(self, params, features, batch):
         """The loss from cached per-example features; scale and bias from `params`."""

@@ -30,12 +30,12 @@ def init_from_pretrained(
     projections, temperature and optimizer state stay as initialised. Only at step 0: a
     resumed run keeps its checkpoint.
     """
-    init = config.get("init_from")
-    if not init or not init.get("path"):
+    init = config.init_from
+    if init is None or not init.path:
         return state
     from jaxmedclip import convert
 
-    towers = tuple(init.get("towers", ("image", "text")))
+    towers = tuple(init.towers)
     params = convert.load_pretrained(
         multihost_utils.process_allgather(state.params, tiled=True),
         init.path,

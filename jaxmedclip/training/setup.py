@@ -11,7 +11,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmedclip import batch_schema, checkpointing, evaluation, flops, models, optim, parallel
+from jaxmedclip import (
+    batch_schema,
+    checkpointing,
+    config_schema,
+    evaluation,
+    flops,
+    models,
+    optim,
+    parallel,
+)
 from jaxmedclip.methods import local_alignment
 from jaxmedclip.training.objective import multiview_enabled
 from jaxmedclip.training.state import TrainState, create_train_state, state_shardings
@@ -19,10 +28,12 @@ from jaxmedclip.training.step import make_train_step
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    """The checks across sections of a completed config (`config_schema.complete` checks
+    each field; the typed objects of a section check their own fields together)."""
     for field in ("total_steps", "global_batch_size", "log_every"):
         if int(config[field]) <= 0:
             raise ValueError(f"{field}={config[field]} must be a positive integer")
-    data_views = bool(config.data.get("multiview", False))
+    data_views = config.data.multiview
     if multiview_enabled(config.loss) and not data_views:
         raise ValueError(
             "loss.multiview (the CXR-CLIP terms) needs a second view and text per example: "
@@ -47,12 +58,12 @@ def check_text_only_examples(config: ml_collections.ConfigDict) -> None:
     """Text-label examples (`data.decoupled.text_only_fraction`) lack an image: refuses
     the loss settings that need one for every example (the input pipeline checks the
     group's own fields and refuses data.multiview with it, which loss.multiview needs)."""
-    decoupled = config.data.get("decoupled")
-    text_only = decoupled.get("text_only_fraction", 0.0) if decoupled is not None else 0.0
+    decoupled = config.data.decoupled
+    text_only = decoupled.text_only_fraction if decoupled is not None else 0.0
     if not text_only:
         return
     fraction = f"data.decoupled.text_only_fraction={text_only}"
-    targets = config.loss.get("targets", "one_hot")
+    targets = config.loss.targets
     if targets != "soft_labels":
         raise ValueError(
             f"{fraction} needs loss.targets='soft_labels': a report without its image has "
@@ -85,8 +96,8 @@ class Setup(NamedTuple):
 
 def local_loss_enabled(config: ml_collections.ConfigDict) -> bool:
     """Whether `loss.local` (GLoRIA-style word-region alignment) is on."""
-    local = config.loss.get("local")
-    return local is not None and local.get("weight", 1.0) > 0
+    local = config.loss.local
+    return local is not None and local.weight > 0
 
 
 def check_tokenizer_fits(config: ml_collections.ConfigDict, num_pieces: int) -> None:
@@ -119,13 +130,18 @@ def with_tokenizer(setup: Setup, config: ml_collections.ConfigDict,
     if setup.word_starts_from_tokenizer or not local_loss_enabled(config):
         return setup
     word_starts = word_starts_of(config, pieces)
-    train_step = make_train_step(
-        setup.model, setup.tx, setup.train_step.schedule, config.loss, setup.mesh,
-        setup.rules, setup.shardings, microbatch_size=config.get("microbatch_size"),
-        word_starts=word_starts,
-    )
+    train_step = _train_step(config, setup.model, setup.tx, setup.train_step.schedule,
+                             setup.mesh, setup.rules, setup.shardings, word_starts)
     return setup._replace(train_step=train_step, word_starts=word_starts,
                           word_starts_from_tokenizer=True)
+
+
+def _train_step(config, model, tx, schedule, mesh, rules, shardings, word_starts):
+    return make_train_step(
+        model, tx, schedule, config.loss, mesh, rules, shardings,
+        microbatch_size=config.microbatch_size, word_starts=word_starts,
+        stream_microbatches=config.stream_microbatches,
+        global_batch_size=config.global_batch_size)
 
 
 def build(config: ml_collections.ConfigDict, pieces: Sequence[str] | None = None) -> Setup:
@@ -136,6 +152,7 @@ def build(config: ml_collections.ConfigDict, pieces: Sequence[str] | None = None
     shapes and cost (enough to check a config or `--compile_only`), not the same word
     boundaries; `with_tokenizer` then gives the setup a training run must use.
     """
+    config = config_schema.complete(config)
     word_starts = word_starts_of(config, pieces)
     check_config(config)
     mesh = parallel.make_mesh(config.mesh)
@@ -146,20 +163,12 @@ def build(config: ml_collections.ConfigDict, pieces: Sequence[str] | None = None
         config.optim, config.total_steps, global_batch_size=config.global_batch_size
     )
     abstract_state, shardings = state_shardings(model, tx, config.data, mesh, rules)
-    train_step = make_train_step(
-        model,
-        tx,
-        schedule,
-        config.loss,
-        mesh,
-        rules,
-        shardings,
-        microbatch_size=config.get("microbatch_size"),
-        word_starts=word_starts,
-    )
+    train_step = _train_step(config, model, tx, schedule, mesh, rules, shardings, word_starts)
     # Tracing the step on abstract inputs checks the loss settings and every shape.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        jax.eval_shape(train_step.jitted, abstract_state, abstract_batch(config))
+        for jitted, args in train_step.abstract_pieces(abstract_state,
+                                                       abstract_batch(config)).values():
+            jax.eval_shape(jitted, *args)
     return Setup(mesh, rules, model, tx, abstract_state, shardings, train_step, word_starts,
                  pieces is not None)
 
@@ -180,34 +189,54 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtyp
 
 
 def compile_report(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, float]:
-    """Compiles the train step ahead of time for the configured mesh; memory and FLOPs."""
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-        compiled = setup.train_step.jitted.lower(
-            setup.abstract_state, abstract_batch(config)
-        ).compile()
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    """Compiles the train step ahead of time for the configured mesh; memory and FLOPs.
+
+    A streamed step (`stream_microbatches`) is compiled piece by piece (embed, loss,
+    backward, update: they run one after another, so the peak is the largest piece's);
+    each piece's figures are reported under its name, with the feature buffer's size."""
     gib = 1024**3
-    report = {
+    pieces = setup.train_step.abstract_pieces(setup.abstract_state, abstract_batch(config))
+    report: dict[str, Any] = {
         "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items()),
         "devices": setup.mesh.size,
         "global_batch_size": config.global_batch_size,
+    }
+    peaks, xla_flops = [], 0.0
+    for name, (jitted, args) in pieces.items():
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            compiled = jitted.lower(*args).compile()
+        memory = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
         # Sizes of the compiled SPMD program: what each device holds.
-        "argument_gib_per_device": memory.argument_size_in_bytes / gib,
-        "temp_gib_per_device": memory.temp_size_in_bytes / gib,
-        "output_gib_per_device": memory.output_size_in_bytes / gib,
-        "alias_gib_per_device": memory.alias_size_in_bytes / gib,
-        "xla_tflops_per_device": float((cost or {}).get("flops", float("nan"))) / 1e12,
+        figures = {
+            "argument_gib_per_device": memory.argument_size_in_bytes / gib,
+            "temp_gib_per_device": memory.temp_size_in_bytes / gib,
+            "output_gib_per_device": memory.output_size_in_bytes / gib,
+            "alias_gib_per_device": memory.alias_size_in_bytes / gib,
+        }
+        # Donated arguments alias the outputs: the peak is roughly arguments + temporaries
+        # + outputs that are not aliased.
+        figures["peak_gib_per_device"] = (
+            figures["argument_gib_per_device"] + figures["temp_gib_per_device"]
+            + figures["output_gib_per_device"] - figures["alias_gib_per_device"])
+        peaks.append(figures["peak_gib_per_device"])
+        # The embed and backward pieces run once per micro-batch.
+        repeat = getattr(setup.train_step, "num_micro", 1) if name in ("embed", "backward") else 1
+        xla_flops += repeat * float((cost or {}).get("flops", float("nan")))
+        if len(pieces) == 1:
+            report.update(figures)
+        else:
+            report.update({f"{name}/{key}": value for key, value in figures.items()})
+    if len(pieces) > 1:
+        buffer = pieces["loss"][1][1]
+        report["feature_buffer_gib_per_device"] = sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(buffer)
+        ) / parallel.batch_shards(setup.mesh) / gib
+        report["peak_gib_per_device"] = max(peaks)
+    report.update({
+        "xla_tflops_per_device": xla_flops / 1e12,
         "model_tflops_per_device": flops.train_flops_per_step(config) / setup.mesh.size / 1e12,
         "model_tflops_per_step": flops.train_flops_per_step(config) / 1e12,
-    }
-    # Donated state aliases the outputs: peak is roughly arguments + temporaries + outputs
-    # that are not aliased.
-    report["peak_gib_per_device"] = (
-        report["argument_gib_per_device"]
-        + report["temp_gib_per_device"]
-        + report["output_gib_per_device"]
-        - report["alias_gib_per_device"]
-    )
+    })
     return report

@@ -48,8 +48,8 @@ def make_loss_and_grads(
     if microbatch_size is None:
         return full_batch
     return gradcache_loss_and_grads(
-        objective.embed, objective.head_loss, full_batch,
-        check_microbatch_size(microbatch_size, mesh), mesh, param_shardings)
+        objective.embed_batch, objective.head_loss, full_batch,
+        check_microbatch_size(microbatch_size, mesh), mesh, param_shardings, objective.inputs)
 
 
 def make_train_step(
@@ -63,15 +63,28 @@ def make_train_step(
     *,
     microbatch_size: int | None = None,
     word_starts: np.ndarray | None = None,
+    stream_microbatches: bool = False,
+    global_batch_size: int | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+    `train_step.from_host(state, host_batch)` takes this process's share of the batch
+    (numpy, as the input pipeline yields it).
 
     `microbatch_size` (global, `config.microbatch_size`): compute the gradients by
     GradCache over micro-batches of this size (see `make_loss_and_grads`); it must divide
     the global batch and be divisible by the devices of the batch axes.
     `word_starts` (bool [vocab]): the tokenizer's word-start table, needed (only) by the
     local alignment term `loss.local`; see `make_loss_and_grads`.
+    `stream_microbatches`: the micro-batches are copied from host memory one at a time
+    (`training.stream.StreamedStep`, returned instead; needs `global_batch_size`).
     """
+    if stream_microbatches:
+        from jaxmedclip.training.stream import StreamedStep
+
+        objective = Objective.from_config(model, loss_config, mesh, word_starts=word_starts,
+                                          microbatch_size=microbatch_size)
+        return StreamedStep(objective, tx, schedule, mesh, rules, shardings, microbatch_size,
+                            global_batch_size)
     loss_and_grads = make_loss_and_grads(
         model,
         loss_config,
@@ -103,6 +116,13 @@ def make_train_step(
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
+    def from_host(state, host_batch, should_stop=None):
+        return step(state, parallel.host_to_global(host_batch, mesh))
+
     step.jitted = jitted
     step.schedule = schedule
+    # The compiled pieces with abstract arguments (one here; several when streamed).
+    step.abstract_pieces = lambda state, batch: {"train_step": (jitted, (state, batch))}
+    step.from_host = from_host
+    step.transfer_s = 0.0  # Host-to-device copies are not timed apart from the data.
     return step

@@ -1,0 +1,275 @@
+"""GradCache streamed from host memory (`stream_microbatches=True`): global batches larger
+than device memory.
+
+The in-device GradCache (`training.gradcache`) splits a batch that is already on the
+devices, so the whole batch must fit there as input. Here the batch stays in host memory
+(as the input pipeline produced it) and only micro-batches and the per-example features
+([local batch, d] per device) live on the devices:
+
+1. pass 1, micro-batch after micro-batch: copy it to the devices and embed it (forward
+   only, nothing kept for a backward pass) into a preallocated feature buffer
+   [M, micro, ...] (donated: written in place);
+2. the loss over the whole global batch from the buffer (every negative is kept), its
+   gradient w.r.t. the features, the temperature and the bias;
+3. pass 2, micro-batch after micro-batch: copy it again, re-run the forward under
+   `jax.vjp` and pull its slice of the feature gradient back into a gradient
+   accumulator (donated);
+4. one optimizer update.
+
+Pass 2 reads the examples pass 1 read from the same host batch: holding the batch costs
+host memory (the process's share of the global batch, as the pipeline emits it: float32
+images, 4 * S * S bytes per image), but no second decode and augmentation of every
+image, which would double the input pipeline's CPU cost at batch sizes where it is
+already the bottleneck. Multi-host, each process holds and streams its own share.
+
+Micro-batch k holds the k-th chunk of every device's rows (`gradcache.to_microbatches`'s
+layout), so the loss sees the rows in the order of the un-split step and the gradients
+equal its gradients up to float summation order. While micro-batch k computes, the copy
+of micro-batch k + 1 is already issued (`prefetch`; JAX dispatches both asynchronously).
+
+A preemption (`should_stop`) between micro-batches abandons the step before the update:
+the state is untouched (only the buffers are donated) and the loop saves the previous
+complete step; resuming recomputes the abandoned step from the same data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmedclip import parallel
+from jaxmedclip.training.gradcache import check_microbatch_size, from_microbatches, to_microbatches
+from jaxmedclip.training.objective import Objective
+from jaxmedclip.training.state import TrainState
+
+# Batch fields copied micro-batch by micro-batch; the rest of the batch (tokens, labels,
+# ids, masks: a few bytes per example) goes to the devices whole, for the loss.
+IMAGE_FIELDS = ("image", "image2")
+
+
+class StepInterrupted(Exception):
+    """A preemption request arrived during a streamed step; the state was not updated."""
+
+
+def check_stream(microbatch_size: Any, global_batch_size: int, mesh: Mesh) -> int:
+    """`microbatch_size` as an int, once it is known to divide the global batch."""
+    if microbatch_size is None:
+        shards = parallel.batch_shards(mesh)
+        fits = [d for d in range(shards, global_batch_size // 2 + 1, shards)
+                if global_batch_size % d == 0][:6]
+        raise ValueError(
+            "stream_microbatches=True streams micro-batches of microbatch_size from host "
+            f"memory, but microbatch_size is None: set microbatch_size (sizes that fit "
+            f"global_batch_size={global_batch_size} on {shards} devices: {fits}) or "
+            "stream_microbatches=False")
+    size = check_microbatch_size(microbatch_size, mesh)
+    if global_batch_size % size:
+        shards = parallel.batch_shards(mesh)
+        fits = [d for d in range(shards, global_batch_size + 1, shards)
+                if global_batch_size % d == 0][:8]
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by microbatch_size="
+            f"{size}; micro-batch sizes that fit: {fits}")
+    return size
+
+
+class StreamedStep:
+    """`step.from_host(state, host_batch) -> (state, metrics)`: one optimizer step on the
+    global batch whose process share `host_batch` holds, streamed (module doc)."""
+
+    def __init__(self, objective: Objective, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule, mesh: Mesh, rules, shardings: TrainState,
+                 microbatch_size: int, global_batch_size: int, *, prefetch: bool = True):
+        self.objective, self.tx, self.schedule = objective, tx, schedule
+        self.mesh, self.rules, self.shardings = mesh, rules, shardings
+        self.microbatch_size = check_stream(microbatch_size, global_batch_size, mesh)
+        self.global_batch_size = global_batch_size
+        self.num_micro = global_batch_size // self.microbatch_size
+        self.prefetch = prefetch
+        self.transfer_s = 0.0  # Host time spent issuing copies, in the last step.
+        self._row = parallel.batch_sharding(mesh)
+        self._buffer_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+        self._replicated = NamedSharding(mesh, P())
+        self._build()
+
+    # -- the compiled pieces ------------------------------------------------------------
+
+    def _build(self) -> None:
+        objective, mesh, num_micro = self.objective, self.mesh, self.num_micro
+        param_shardings = self.shardings.params
+
+        def constrain(grads):
+            return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+        def embed_into(params, buffer, k, micro):
+            features = objective.embed_batch(jax.lax.stop_gradient(params), micro)
+            return {name: jax.lax.dynamic_update_index_in_dim(
+                buffer[name], features[name].astype(buffer[name].dtype), k, 0)
+                for name in buffer}
+
+        def head(params, buffer, rest):
+            features = {name: from_microbatches(x, mesh) for name, x in buffer.items()}
+            (loss, metrics), (head_grads, d_features) = jax.value_and_grad(
+                objective.head_loss, argnums=(0, 1), has_aux=True)(params, features, rest)
+            d_buffer = {name: to_microbatches(d, num_micro, mesh)
+                        for name, d in d_features.items()}
+            grads = constrain(jax.tree.map(lambda g: g.astype(jnp.float32), head_grads))
+            return loss, metrics, grads, d_buffer
+
+        def backward(params, grads, k, micro, d_buffer):
+            d_micro = {name: jax.lax.dynamic_index_in_dim(d, k, 0, keepdims=False)
+                       for name, d in d_buffer.items()}
+            features, pullback = jax.vjp(lambda p: objective.embed_batch(p, micro), params)
+            d_micro = {name: d_micro[name].astype(features[name].dtype) for name in features}
+            (micro_grads,) = pullback(d_micro)
+            return constrain(jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads,
+                                          micro_grads))
+
+        def update(state, grads, loss, metrics):
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+                       "learning_rate": self.schedule(state.step)}
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+        grad_shardings = param_shardings
+        self.embed_into = jax.jit(embed_into, donate_argnums=(1,),
+                                  out_shardings=self._buffer_sharding)
+        self.head = jax.jit(head, out_shardings=(
+            self._replicated, self._replicated, grad_shardings, self._buffer_sharding))
+        self.backward = jax.jit(backward, donate_argnums=(1,),
+                                out_shardings=grad_shardings)
+        self.update = jax.jit(update, donate_argnums=(0,), out_shardings=(
+            self.shardings, self._replicated))
+
+    def buffer_shapes(self, abstract_params, micro: Mapping[str, jax.ShapeDtypeStruct]
+                      ) -> dict[str, jax.ShapeDtypeStruct]:
+        """The feature buffer [M, micro, ...] of every feature the loss reads."""
+        features = jax.eval_shape(self.objective.embed_batch, abstract_params, micro)
+        return {name: jax.ShapeDtypeStruct((self.num_micro, *x.shape), x.dtype,
+                                           sharding=self._buffer_sharding)
+                for name, x in features.items()}
+
+    def abstract_pieces(self, abstract_state: TrainState,
+                        abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> dict:
+        """Each compiled piece with abstract arguments: {name: (jitted, args)}."""
+        micro, rest = self._split_abstract(abstract_batch)
+        params = abstract_state.params
+        buffer = self.buffer_shapes(params, micro)
+        k = jax.ShapeDtypeStruct((), jnp.int32)
+        grads = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, jnp.float32,
+                                                               sharding=s),
+                             params, self.shardings.params)
+        loss = jax.ShapeDtypeStruct((), jnp.float32)
+        _, metrics, _, _ = jax.eval_shape(self.head, params, buffer, rest)
+        return {
+            "embed": (self.embed_into, (params, buffer, k, micro)),
+            "loss": (self.head, (params, buffer, rest)),
+            "backward": (self.backward, (params, grads, k, micro, buffer)),
+            "update": (self.update, (abstract_state, grads, loss, metrics)),
+        }
+
+    def _split_abstract(self, batch):
+        micro = {}
+        for name in self.objective.inputs:
+            x = batch[name]
+            micro[name] = jax.ShapeDtypeStruct((self.microbatch_size, *x.shape[1:]), x.dtype,
+                                               sharding=self._row)
+        rest = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._row)
+                for name, x in batch.items() if name not in IMAGE_FIELDS}
+        return micro, rest
+
+    # -- the host side -------------------------------------------------------------------
+
+    def _host_chunks(self, host_batch: Mapping[str, np.ndarray]) -> Callable[[int], dict]:
+        """micro-batch k of this process: the k-th chunk of each local device's rows."""
+        per_device = self.global_batch_size // parallel.batch_shards(self.mesh)
+        chunk = per_device // self.num_micro
+        arrays = {name: np.asarray(host_batch[name]) for name in self.objective.inputs}
+
+        def micro(k: int) -> dict[str, jax.Array]:
+            t0 = time.perf_counter()
+            out = {}
+            for name, x in arrays.items():
+                rows = x.reshape(x.shape[0] // per_device, self.num_micro, chunk, *x.shape[1:])
+                part = np.ascontiguousarray(rows[:, k]).reshape(-1, *x.shape[1:])
+                out[name] = jax.make_array_from_process_local_data(self._row, part)
+            if not self.prefetch:  # The baseline of the overlap: wait for each copy.
+                jax.block_until_ready(out)
+            self.transfer_s += time.perf_counter() - t0
+            return out
+
+        return micro
+
+    def _stream(self, micro_of: Callable[[int], dict], compute: Callable[[int, dict], None],
+                should_stop: Callable[[], bool] | None, check_every: bool) -> None:
+        current = micro_of(0)
+        for k in range(self.num_micro):
+            out = compute(k, current)  # Dispatched asynchronously.
+            if check_every and should_stop is not None and should_stop():
+                raise StepInterrupted
+            if k + 1 < self.num_micro:
+                if not self.prefetch:  # The baseline: compute, then copy, in turn.
+                    jax.block_until_ready(out)
+                current = micro_of(k + 1)  # With prefetch: copied while k computes.
+
+    def from_host(self, state: TrainState, host_batch: Mapping[str, np.ndarray],
+                  should_stop: Callable[[], bool] | None = None
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step; `should_stop()` (e.g. a preemption request) is asked
+        between micro-batches with one process, after pass 1 with several (it must
+        answer alike on every process), and raises StepInterrupted before the update."""
+        import flax.linen as nn
+
+        self.transfer_s = 0.0
+        check_every = jax.process_count() == 1
+        micro_of = self._host_chunks(host_batch)
+        rest = parallel.host_to_global(
+            {k: v for k, v in host_batch.items() if k not in IMAGE_FIELDS}, self.mesh)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            params = state.params
+            buffer = {name: jnp.zeros(x.shape, x.dtype, device=x.sharding) for name, x in
+                      self.buffer_shapes(params, self._abstract_micro(host_batch)).items()}
+            holder = {"buffer": buffer}
+
+            def embed(k, micro):
+                holder["buffer"] = self.embed_into(params, holder["buffer"], k, micro)
+                return holder["buffer"]
+
+            self._stream(micro_of, embed, should_stop, check_every)
+            if should_stop is not None and not check_every and should_stop():
+                raise StepInterrupted
+            loss, metrics, grads, d_buffer = self.head(params, holder["buffer"], rest)
+            del holder["buffer"]
+            holder["grads"] = grads
+
+            def backward(k, micro):
+                holder["grads"] = self.backward(params, holder["grads"], k, micro, d_buffer)
+                return holder["grads"]
+
+            self._stream(micro_of, backward, should_stop, check_every)
+            return self.update(state, holder["grads"], loss, metrics)
+
+    def _abstract_micro(self, host_batch) -> dict[str, jax.ShapeDtypeStruct]:
+        return {name: jax.ShapeDtypeStruct((self.microbatch_size, *host_batch[name].shape[1:]),
+                                           np.asarray(host_batch[name]).dtype,
+                                           sharding=self._row)
+                for name in self.objective.inputs}
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any]):
+        """`from_host` for one process holding the whole batch (tests, benchmarks);
+        global arrays are fetched to the host first."""
+        if jax.process_count() > 1:
+            raise ValueError("with several processes call from_host with this process's "
+                             "share of the batch")
+        return self.from_host(state, {k: np.asarray(jax.device_get(v))
+                                      for k, v in batch.items()})
