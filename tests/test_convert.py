@@ -113,7 +113,7 @@ def close(a, b):
     np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_clip_import_gives_same_tower_outputs(scan, tmp_path):
     hf = save_random(
         transformers.CLIPModel(

@@ -148,7 +148,8 @@ def export_directly(experiment, variant, fmt, spm_model, tmp_path):
         pytest.param("clip,scan", "auto", "CLIPModel", True, marks=pytest.mark.slow),
         # The CLI path (checkpoint, recorded tokenizer) is covered for CLIP in
         # test_export_cli.py; here every format goes through `export.export`.
-        ("siglip", "auto", "SiglipModel", False),
+        # Slow: the SigLIP towers are also exported by dual_siglip below.
+        pytest.param("siglip", "auto", "SiglipModel", False, marks=pytest.mark.slow),
         ("clip", "clip", "CLIPModel", False),
         ("dual_vit", "auto", "VisionTextDualEncoderModel", False),
         ("dual_clip", "dual_encoder", "VisionTextDualEncoderModel", False),

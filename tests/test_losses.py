@@ -6,8 +6,6 @@ in the `jaxmedclip.losses` docstring. Needs the 8 fake CPU devices of conftest.p
 
 import itertools
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -43,6 +41,7 @@ from loss_reference import (  # noqa: E402
     run_loss,
     valid_sides,
 )
+from two_processes import run_two_processes  # noqa: E402
 
 
 @pytest.mark.parametrize("name,targets", LOSS_TARGETS)
@@ -399,38 +398,9 @@ def test_loss_spec_reads_both_key_spellings():
 # Two processes x four devices (gloo on localhost) against the single-process reference.
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ring_across_two_processes(tmp_path):
     out_file = tmp_path / "results.npz"
-    port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    worker = os.path.join(TESTS_DIR, "multiprocess_loss_worker.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(i), str(port), str(out_file)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    if any(p.returncode for p in procs):
-        log = "\n".join(logs)
-        if "gloo" in log.lower() and ("not available" in log or "unsupported" in log.lower()):
-            pytest.skip(f"jaxlib here has no gloo CPU collectives:\n{log[-2000:]}")
-        pytest.fail(f"worker failed (exit codes {[p.returncode for p in procs]}):\n{log[-4000:]}")
+    run_two_processes(os.path.join(TESTS_DIR, "multiprocess_loss_worker.py"), out_file, 240)
 
     results = np.load(out_file)
     image, text, batch = multiprocess_loss_worker.global_inputs()

@@ -467,6 +467,7 @@ def test_medclip_config_trains_with_text_only_rows(studies, sentencepiece_model)
     assert all(np.isfinite(loss)) and loss[-1] < loss[0], loss
 
 
+@pytest.mark.slow  # 30 s; the losses' own mask tests (test_losses.py) run by default.
 def test_image_masks_reach_the_loss_in_the_step_and_gradcache():
     config = _small_config("ring")
     config.model.local_dim = None

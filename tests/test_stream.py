@@ -6,8 +6,6 @@ arrives between micro-batches; clear errors for settings that do not fit."""
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 
 import jax
@@ -20,13 +18,21 @@ from jaxmedclip.training import stream
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS_DIR)
 import stream_setup  # noqa: E402
+from two_processes import run_two_processes  # noqa: E402
 
 ATOL = 1e-5
 
 
-def _run(config, batches):
+@pytest.fixture(scope="module")
+def streamed_clip():
+    """(setup, config) of the plain CLIP config streamed in micro-batches of 8."""
+    config = stream_setup.small_config(stream=True)
+    return training.build(config), config
+
+
+def _run(config, batches, setup=None):
     """(losses, grad norms, final params) of `config` over `batches` from one init."""
-    setup = training.build(config)
+    setup = setup or training.build(config)
     state = training.initial_state(setup, config)
     losses, norms = [], []
     for batch in batches:
@@ -43,50 +49,35 @@ def _assert_same_params(a, b):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("multiview", [False, True], ids=["clip", "multiview"])
-def test_two_streamed_steps_equal_the_unsplit_steps(multiview):
+@pytest.mark.parametrize("method", [
+    "clip",
+    pytest.param("multiview", marks=pytest.mark.slow),
+    pytest.param("gloria", marks=pytest.mark.slow),
+    pytest.param("medclip_text_only", marks=pytest.mark.slow),
+])
+def test_two_streamed_steps_equal_the_unsplit_steps(method, streamed_clip):
     """Global batch 64 in micro-batches of 8 on 8 devices: loss, gradient norm and the
-    parameters after 2 AdamW steps match the un-split step."""
+    parameters after 2 AdamW steps match the un-split step; for plain CLIP, CXR-CLIP's
+    multi-view terms, GLoRIA's local term and MedCLIP with text-only rows."""
     assert jax.device_count() == 8
-    unsplit = stream_setup.small_config(stream=False, micro=None, multiview=multiview)
-    streamed = stream_setup.small_config(stream=True, multiview=multiview)
+    unsplit = stream_setup.small_config(stream=False, micro=None, method=method)
+    streamed = stream_setup.small_config(stream=True, method=method)
     batches = stream_setup.host_batches(unsplit)
     want_losses, want_norms, want_params = _run(unsplit, batches)
-    losses, norms, params = _run(streamed, batches)
+    setup = streamed_clip[0] if method == "clip" else training.build(streamed)
+    losses, norms, params = _run(streamed, batches, setup)
     np.testing.assert_allclose(losses, want_losses, atol=ATOL, rtol=0)
     np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
     _assert_same_params(params, want_params)
-    assert training.build(streamed).train_step.num_micro == 8
+    assert setup.train_step.num_micro == 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow  # .ci/run skips it; `pytest -m slow` runs it.
 def test_two_processes_stream_their_own_halves(tmp_path):
     """2 processes x 4 devices, each streaming its half of the batch from its own host
     memory, take the same steps as one process with the un-split batch."""
     out_file = tmp_path / "results.npz"
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    worker = os.path.join(TESTS_DIR, "stream_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), str(out_file)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=300)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    if any(p.returncode for p in procs):
-        pytest.fail(f"worker failed ({[p.returncode for p in procs]}):\n"
-                    + "\n".join(logs)[-4000:])
+    run_two_processes(os.path.join(TESTS_DIR, "stream_worker.py"), out_file)
     results = np.load(out_file)
     unsplit = stream_setup.small_config(stream=False, micro=None)
     want_losses, _, want_params = _run(unsplit, stream_setup.host_batches(unsplit))
@@ -96,6 +87,7 @@ def test_two_processes_stream_their_own_halves(tmp_path):
                                    atol=ATOL, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # .ci/run skips it; `pytest -m slow` runs it.
 def test_device_memory_does_not_grow_with_the_number_of_microbatches():
     """M = 4 and M = 32 micro-batches of 8: the embed and backward pieces compile to the
     same temporaries, and what grows is the feature buffers ([local batch, d] each)
@@ -121,9 +113,8 @@ def test_device_memory_does_not_grow_with_the_number_of_microbatches():
     assert loss_growth < 6 * growth < image_rows_gib, (loss_growth, growth)
 
 
-def test_a_stop_request_between_microbatches_leaves_the_state_untouched():
-    config = stream_setup.small_config(stream=True)
-    setup = training.build(config)
+def test_a_stop_request_between_microbatches_leaves_the_state_untouched(streamed_clip):
+    setup, config = streamed_clip
     state = training.initial_state(setup, config)
     before = jax.device_get(state.params)
     asked = []
@@ -156,6 +147,21 @@ def test_settings_that_do_not_fit_are_refused_naming_the_fields(fields, message)
         training.build(config)
 
 
+@pytest.mark.slow
+def test_compile_only_reports_each_piece_and_the_feature_buffer(tmp_path, capsys):
+    from jaxmedclip import train
+
+    config = os.path.join(stream_setup.REPO, "experiments", "tiny_synthetic.py:runlocal")
+    train.main(["--config", config, "--workdir", str(tmp_path), "--compile_only",
+                "--config.microbatch_size=8", "--config.stream_microbatches=True"])
+    out = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
+               if ": " in line)
+    for piece in ("embed", "loss", "backward", "update"):
+        assert float(out[f"{piece}/temp_gib_per_device"]) >= 0, out
+    assert 0 < float(out["feature_buffer_gib_per_device"]) < float(out["peak_gib_per_device"])
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
 # -- through the training loop --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -178,6 +184,7 @@ def _metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # .ci/run skips it; `pytest -m slow` runs it.
 def test_preemption_between_microbatches_resumes_exactly(data_dir, tmp_path, monkeypatch):
     """A SIGTERM in the middle of step 4's accumulation saves step 3 and stops; the
     resumed run ends with the losses and parameters of an uninterrupted one."""

@@ -55,6 +55,7 @@ def reference(config):
     return _run(config, jax.devices()[:1])
 
 
+@pytest.mark.slow  # 25 s; sharded == unsharded is checked per loss in test_losses.py.
 def test_one_device_equals_eight_devices(config, reference):
     assert len(jax.devices()) == 8
     losses, state = _run(config, jax.devices())

@@ -98,6 +98,7 @@ class StreamedStep:
         self._row = parallel.batch_sharding(mesh)
         self._buffer_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
         self._replicated = NamedSharding(mesh, P())
+        self._buffers: dict = {}
         self._build()
 
     # -- the compiled pieces ------------------------------------------------------------
@@ -237,8 +238,12 @@ class StreamedStep:
             {k: v for k, v in host_batch.items() if k not in IMAGE_FIELDS}, self.mesh)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             params = state.params
-            buffer = {name: jnp.zeros(x.shape, x.dtype, device=x.sharding) for name, x in
-                      self.buffer_shapes(params, self._abstract_micro(host_batch)).items()}
+            micro = self._abstract_micro(host_batch)
+            key = tuple((name, x.shape, x.dtype) for name, x in micro.items())
+            if key not in self._buffers:  # Traced once per input shape, not every step.
+                self._buffers[key] = self.buffer_shapes(params, micro)
+            buffer = {name: jnp.zeros(x.shape, x.dtype, device=x.sharding)
+                      for name, x in self._buffers[key].items()}
             holder = {"buffer": buffer}
 
             def embed(k, micro):
