@@ -99,6 +99,13 @@ class StreamedStep:
         self._buffer_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
         self._replicated = NamedSharding(mesh, P())
         self._buffers: dict = {}
+        # XLA's in-process CPU collectives (the fake devices of tests and CPU runs) can
+        # deadlock when several programs with collectives are in flight: with 8 devices
+        # on 2 cores, 4 device threads of one backward piece waited in its all-reduce for
+        # the other 4, queued behind them (batch 1,024 in micro-batches of 256). On CPU
+        # each piece is waited for before the next one is dispatched; copies still go
+        # ahead. Accelerators queue programs per device and need no such wait.
+        self._one_at_a_time = jax.default_backend() == "cpu"
         self._build()
 
     # -- the compiled pieces ------------------------------------------------------------
@@ -222,6 +229,8 @@ class StreamedStep:
                 if not self.prefetch:  # The baseline: compute, then copy, in turn.
                     jax.block_until_ready(out)
                 current = micro_of(k + 1)  # With prefetch: copied while k computes.
+            if self._one_at_a_time:
+                jax.block_until_ready(out)
 
     def from_host(self, state: TrainState, host_batch: Mapping[str, np.ndarray],
                   should_stop: Callable[[], bool] | None = None
@@ -254,6 +263,8 @@ class StreamedStep:
             if should_stop is not None and not check_every and should_stop():
                 raise StepInterrupted
             loss, metrics, grads, d_buffer = self.head(params, holder["buffer"], rest)
+            if self._one_at_a_time:
+                jax.block_until_ready(grads)
             del holder["buffer"]
             holder["grads"] = grads
 
@@ -262,7 +273,10 @@ class StreamedStep:
                 return holder["grads"]
 
             self._stream(micro_of, backward, should_stop, check_every)
-            return self.update(state, holder["grads"], loss, metrics)
+            state, metrics = self.update(state, holder["grads"], loss, metrics)
+            if self._one_at_a_time:
+                jax.block_until_ready(state)
+            return state, metrics
 
     def _abstract_micro(self, host_batch) -> dict[str, jax.ShapeDtypeStruct]:
         return {name: jax.ShapeDtypeStruct((self.microbatch_size, *host_batch[name].shape[1:]),
