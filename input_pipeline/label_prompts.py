@@ -62,16 +62,16 @@ from jaxmedclip import config_schema
 
 SALT_PROMPT_ROWS = 31  # Which rows of a global batch are image- / text-label examples.
 SALT_PROMPT_TEXT = 32  # Templates of a row's prompt (plus the text stream).
+_DEFAULT = config_schema.defaults("data.decoupled")  # The defaults are declared there.
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoupledData:
     """The validated contents of `data.decoupled` (see the module docstring)."""
 
-    label_prompt_fraction: float = config_schema.defaults("data.decoupled")[
-        "label_prompt_fraction"]
-    text_only_fraction: float = config_schema.defaults("data.decoupled")["text_only_fraction"]
-    label_only_prompts: bool = config_schema.defaults("data.decoupled")["label_only_prompts"]
+    label_prompt_fraction: float = _DEFAULT["label_prompt_fraction"]
+    text_only_fraction: float = _DEFAULT["text_only_fraction"]
+    label_only_prompts: bool = _DEFAULT["label_only_prompts"]
 
     @classmethod
     def from_config(cls, data_config: ml_collections.ConfigDict) -> DecoupledData | None:

@@ -57,7 +57,7 @@ def _f(default=REQUIRED, *types, choices=None, nullable=False) -> Field:
     return Field(default, tuple(types), None if choices is None else tuple(choices), nullable)
 
 
-INT, FLOAT, STR, BOOL = int, float, str, bool
+INT, FLOAT, STR = int, float, str
 SEQ = (tuple, list)
 
 # Allowed values, imported by the code that acts on them.
@@ -366,11 +366,3 @@ def complete(config: Mapping[str, Any], *, required: bool = True
     completed = ml_collections.ConfigDict(out, type_safe=False)
     completed.eval = evaluation.eval_config(completed)
     return completed
-
-
-def unknown_fields(config: Mapping[str, Any]) -> list[str]:
-    """One message per problem of `config` (undeclared keys, bad types or choices)."""
-    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    problems: list[str] = []
-    _group(FIELDS, values, "", problems)
-    return [p for p in problems if "is required" not in p]

@@ -49,6 +49,19 @@ def check_microbatch_size(microbatch_size: Any, mesh: Mesh) -> int:
     return microbatch_size
 
 
+def num_microbatches(global_batch_size: int, microbatch_size: int, mesh: Mesh) -> int:
+    """How many micro-batches make the global batch, once `microbatch_size` divides it."""
+    if global_batch_size % microbatch_size:
+        shards = parallel.batch_shards(mesh)
+        fits = [d for d in range(shards, global_batch_size + 1, shards)
+                if global_batch_size % d == 0]
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by microbatch_size="
+            f"{microbatch_size}; micro-batch sizes that fit: {fits}"
+        )
+    return global_batch_size // microbatch_size
+
+
 def to_microbatches(x: jax.Array, num_micro: int, mesh: Mesh) -> jax.Array:
     """[B, ...] -> [num_micro, B / num_micro, ...] without moving data between devices.
 
@@ -92,15 +105,7 @@ def gradcache_loss_and_grads(
         return jax.lax.with_sharding_constraint(grads, param_shardings)
 
     def loss_and_grads(params, batch):
-        size = batch["image"].shape[0]
-        if size % microbatch_size:
-            shards = parallel.batch_shards(mesh)
-            fits = [d for d in range(shards, size + 1, shards) if size % d == 0]
-            raise ValueError(
-                f"global_batch_size={size} is not divisible by microbatch_size="
-                f"{microbatch_size}; micro-batch sizes that fit: {fits}"
-            )
-        num_micro = size // microbatch_size
+        num_micro = num_microbatches(batch["image"].shape[0], microbatch_size, mesh)
         if num_micro == 1:
             return full_batch(params, batch)
         split = lambda x: to_microbatches(x, num_micro, mesh)

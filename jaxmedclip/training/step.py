@@ -52,6 +52,17 @@ def make_loss_and_grads(
         check_microbatch_size(microbatch_size, mesh), mesh, param_shardings, objective.inputs)
 
 
+def apply_gradients(tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    state: TrainState, grads: Any, loss: jax.Array, metrics: dict
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update of `state` by `grads`; the step's logged metrics."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -96,14 +107,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch):
         (loss, metrics), grads = loss_and_grads(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics.update(
-            loss=loss,
-            grad_norm=optax.tree.norm(grads),
-            learning_rate=schedule(state.step),
-        )
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return apply_gradients(tx, schedule, state, grads, loss, metrics)
 
     jitted = jax.jit(
         train_step,

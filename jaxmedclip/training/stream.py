@@ -46,9 +46,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmedclip import parallel
-from jaxmedclip.training.gradcache import check_microbatch_size, from_microbatches, to_microbatches
+from jaxmedclip.training.gradcache import (
+    check_microbatch_size,
+    from_microbatches,
+    num_microbatches,
+    to_microbatches,
+)
 from jaxmedclip.training.objective import Objective
 from jaxmedclip.training.state import TrainState
+from jaxmedclip.training.step import apply_gradients
 
 # Batch fields copied micro-batch by micro-batch; the rest of the batch (tokens, labels,
 # ids, masks: a few bytes per example) goes to the devices whole, for the loss.
@@ -60,7 +66,8 @@ class StepInterrupted(Exception):
 
 
 def check_stream(microbatch_size: Any, global_batch_size: int, mesh: Mesh) -> int:
-    """`microbatch_size` as an int, once it is known to divide the global batch."""
+    """The number of micro-batches, once `microbatch_size` is known to divide the global
+    batch and split over the batch devices."""
     if microbatch_size is None:
         shards = parallel.batch_shards(mesh)
         fits = [d for d in range(shards, global_batch_size // 2 + 1, shards)
@@ -70,15 +77,8 @@ def check_stream(microbatch_size: Any, global_batch_size: int, mesh: Mesh) -> in
             f"memory, but microbatch_size is None: set microbatch_size (sizes that fit "
             f"global_batch_size={global_batch_size} on {shards} devices: {fits}) or "
             "stream_microbatches=False")
-    size = check_microbatch_size(microbatch_size, mesh)
-    if global_batch_size % size:
-        shards = parallel.batch_shards(mesh)
-        fits = [d for d in range(shards, global_batch_size + 1, shards)
-                if global_batch_size % d == 0][:8]
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by microbatch_size="
-            f"{size}; micro-batch sizes that fit: {fits}")
-    return size
+    return num_microbatches(global_batch_size, check_microbatch_size(microbatch_size, mesh),
+                            mesh)
 
 
 class StreamedStep:
@@ -90,9 +90,9 @@ class StreamedStep:
                  microbatch_size: int, global_batch_size: int, *, prefetch: bool = True):
         self.objective, self.tx, self.schedule = objective, tx, schedule
         self.mesh, self.rules, self.shardings = mesh, rules, shardings
-        self.microbatch_size = check_stream(microbatch_size, global_batch_size, mesh)
+        self.num_micro = check_stream(microbatch_size, global_batch_size, mesh)
+        self.microbatch_size = global_batch_size // self.num_micro
         self.global_batch_size = global_batch_size
-        self.num_micro = global_batch_size // self.microbatch_size
         self.prefetch = prefetch
         self.transfer_s = 0.0  # Host time spent issuing copies, in the last step.
         self._row = parallel.batch_sharding(mesh)
@@ -143,19 +143,14 @@ class StreamedStep:
 
         def update(state, grads, loss, metrics):
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-                       "learning_rate": self.schedule(state.step)}
-            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+            return apply_gradients(self.tx, self.schedule, state, grads, loss, metrics)
 
-        grad_shardings = param_shardings
         self.embed_into = jax.jit(embed_into, donate_argnums=(1,),
                                   out_shardings=self._buffer_sharding)
         self.head = jax.jit(head, out_shardings=(
-            self._replicated, self._replicated, grad_shardings, self._buffer_sharding))
+            self._replicated, self._replicated, param_shardings, self._buffer_sharding))
         self.backward = jax.jit(backward, donate_argnums=(1,),
-                                out_shardings=grad_shardings)
+                                out_shardings=param_shardings)
         self.update = jax.jit(update, donate_argnums=(0,), out_shardings=(
             self.shardings, self._replicated))
 
@@ -170,7 +165,9 @@ class StreamedStep:
     def abstract_pieces(self, abstract_state: TrainState,
                         abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> dict:
         """Each compiled piece with abstract arguments: {name: (jitted, args)}."""
-        micro, rest = self._split_abstract(abstract_batch)
+        micro = self._abstract_micro(abstract_batch)
+        rest = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._row)
+                for name, x in abstract_batch.items() if name not in IMAGE_FIELDS}
         params = abstract_state.params
         buffer = self.buffer_shapes(params, micro)
         k = jax.ShapeDtypeStruct((), jnp.int32)
@@ -186,15 +183,11 @@ class StreamedStep:
             "update": (self.update, (abstract_state, grads, loss, metrics)),
         }
 
-    def _split_abstract(self, batch):
-        micro = {}
-        for name in self.objective.inputs:
-            x = batch[name]
-            micro[name] = jax.ShapeDtypeStruct((self.microbatch_size, *x.shape[1:]), x.dtype,
-                                               sharding=self._row)
-        rest = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._row)
-                for name, x in batch.items() if name not in IMAGE_FIELDS}
-        return micro, rest
+    def _abstract_micro(self, batch) -> dict[str, jax.ShapeDtypeStruct]:
+        """One micro-batch of `batch`'s tower inputs (arrays or shapes) as shapes."""
+        return {name: jax.ShapeDtypeStruct((self.microbatch_size, *batch[name].shape[1:]),
+                                           batch[name].dtype, sharding=self._row)
+                for name in self.objective.inputs}
 
     # -- the host side -------------------------------------------------------------------
 
@@ -218,19 +211,21 @@ class StreamedStep:
 
         return micro
 
-    def _stream(self, micro_of: Callable[[int], dict], compute: Callable[[int, dict], None],
-                should_stop: Callable[[], bool] | None, check_every: bool) -> None:
+    def _stream(self, micro_of: Callable[[int], dict], compute: Callable[[Any, int, dict], Any],
+                carry: Any, should_stop: Callable[[], bool] | None, check_every: bool) -> Any:
+        """`carry = compute(carry, k, micro-batch k)` for every k; returns the last carry."""
         current = micro_of(0)
         for k in range(self.num_micro):
-            out = compute(k, current)  # Dispatched asynchronously.
+            carry = compute(carry, k, current)  # Dispatched asynchronously.
             if check_every and should_stop is not None and should_stop():
                 raise StepInterrupted
             if k + 1 < self.num_micro:
                 if not self.prefetch:  # The baseline: compute, then copy, in turn.
-                    jax.block_until_ready(out)
+                    jax.block_until_ready(carry)
                 current = micro_of(k + 1)  # With prefetch: copied while k computes.
             if self._one_at_a_time:
-                jax.block_until_ready(out)
+                jax.block_until_ready(carry)
+        return carry
 
     def from_host(self, state: TrainState, host_batch: Mapping[str, np.ndarray],
                   should_stop: Callable[[], bool] | None = None
@@ -253,36 +248,24 @@ class StreamedStep:
                 self._buffers[key] = self.buffer_shapes(params, micro)
             buffer = {name: jnp.zeros(x.shape, x.dtype, device=x.sharding)
                       for name, x in self._buffers[key].items()}
-            holder = {"buffer": buffer}
 
-            def embed(k, micro):
-                holder["buffer"] = self.embed_into(params, holder["buffer"], k, micro)
-                return holder["buffer"]
-
-            self._stream(micro_of, embed, should_stop, check_every)
+            buffer = self._stream(
+                micro_of, lambda buffer, k, micro: self.embed_into(params, buffer, k, micro),
+                buffer, should_stop, check_every)
             if should_stop is not None and not check_every and should_stop():
                 raise StepInterrupted
-            loss, metrics, grads, d_buffer = self.head(params, holder["buffer"], rest)
+            loss, metrics, grads, d_buffer = self.head(params, buffer, rest)
+            del buffer  # Its memory is free for pass 2.
             if self._one_at_a_time:
                 jax.block_until_ready(grads)
-            del holder["buffer"]
-            holder["grads"] = grads
-
-            def backward(k, micro):
-                holder["grads"] = self.backward(params, holder["grads"], k, micro, d_buffer)
-                return holder["grads"]
-
-            self._stream(micro_of, backward, should_stop, check_every)
-            state, metrics = self.update(state, holder["grads"], loss, metrics)
+            grads = self._stream(
+                micro_of,
+                lambda grads, k, micro: self.backward(params, grads, k, micro, d_buffer),
+                grads, should_stop, check_every)
+            state, metrics = self.update(state, grads, loss, metrics)
             if self._one_at_a_time:
                 jax.block_until_ready(state)
             return state, metrics
-
-    def _abstract_micro(self, host_batch) -> dict[str, jax.ShapeDtypeStruct]:
-        return {name: jax.ShapeDtypeStruct((self.microbatch_size, *host_batch[name].shape[1:]),
-                                           np.asarray(host_batch[name]).dtype,
-                                           sharding=self._row)
-                for name in self.objective.inputs}
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any]):
         """`from_host` for one process holding the whole batch (tests, benchmarks);
