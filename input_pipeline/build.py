@@ -8,6 +8,10 @@ split's size and the build report's path. The tokenizer is trained later, by
 `pipeline.prepare` (or `python -m input_pipeline.train_tokenizer`). Building a large
 dataset once, before a multi-host launch, keeps every host from building it itself.
 
+An error in the config or the data (a missing file, a malformed CSV, too many bad rows)
+ends it with one line, `error: ...`, naming the file or row and, for a failed build, the
+build report (`cli_errors`); exit status 1.
+
 A command-line entry point: it joins the experiment files (`jaxmedclip.config_lib`,
 imported in `main`) to the builders, as the training CLI does. The library modules of
 input_pipeline import nothing of jaxmedclip beyond `vocabulary` and `batch_schema`.
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from input_pipeline import pipeline
+    from input_pipeline import cli_errors, pipeline
     from jaxmedclip import config_lib
 
     parser = argparse.ArgumentParser(prog="python -m input_pipeline.build",
@@ -33,11 +37,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = config_lib.override_flags(parser, rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
+    with cli_errors.exit_on_user_error():
         config = config_lib.config_from_flags(args.config, overrides, required=False)
         builder = pipeline.build_dataset(config.data)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(f"{builder.name} {builder.builder_config.name} at {builder.data_dir}")
     for split, info in builder.info.splits.items():
         print(f"  {split}: {info.num_examples} records")

@@ -26,6 +26,7 @@ import gzip
 import json
 import logging
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -36,7 +37,7 @@ from etils import epath
 
 from input_pipeline import images, synthetic_builder, worker_pool
 from input_pipeline.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
-from input_pipeline.reports import parse_report
+from input_pipeline.reports import DEFAULT_PLACEHOLDERS, Placeholders, parse_report
 from input_pipeline.tokenizer import tensorflow_on_host
 from jaxmedclip import config_schema
 
@@ -95,12 +96,26 @@ class SplitRows:
     filtered: int = 0
 
 
+class Uint16PngImage(tfds.features.Image):
+    """`tfds.features.Image` of 16-bit PNGs that random access can decode without OpenCV.
+
+    `as_data_source` decodes in NumPy: with OpenCV where installed, else with Pillow,
+    which TFDS permits for uint8 only ("PIL does not handle uint16 images"). Pillow
+    reads 16-bit PNG exactly, so this decodes with it: the pixels `as_dataset` and the
+    pipeline (`tf.io.decode_png(..., dtype=tf.uint16)`) get. The records are the same
+    PNG bytes as a plain uint16 `Image` writes.
+    """
+
+    def decode_example_np(self, example: bytes) -> np.ndarray:
+        return images.decode_png16(example)[..., None]
+
+
 def record_features() -> tfds.features.FeaturesDict:
     """The record schema of every real-data builder (synthetic_cxr's plus `has_report`)."""
     return tfds.features.FeaturesDict({
         # 16-bit PNG: precision beyond 8 bits survives until normalisation.
-        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint16,
-                                     encoding_format="png"),
+        "image": Uint16PngImage(shape=(None, None, 1), dtype=np.uint16,
+                                encoding_format="png"),
         "view": tfds.features.Text(),
         "study_id": tfds.features.Text(),
         "patient_id": tfds.features.Text(),
@@ -146,12 +161,13 @@ def blank_labels() -> np.ndarray:
     return np.full((NUM_FINDINGS,), np.nan, dtype=np.float32)
 
 
-def report_fields(text: str | None) -> tuple[str, str, str] | None:
+def report_fields(text: str | None, placeholders: Placeholders = DEFAULT_PLACEHOLDERS
+                  ) -> tuple[str, str, str] | None:
     """(report, findings, impression) of a report text, or None when it has no model
-    text (empty, or no sections and an empty fallback)."""
+    text (empty, or no sections and an empty fallback). `placeholders`: data.deid."""
     if text is None:
         return None
-    sections = parse_report(text)
+    sections = parse_report(text, placeholders)
     if sections.is_empty:
         return None
     return sections.report, sections.findings, sections.impression
@@ -294,12 +310,16 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
     def _check(self, split: str, entry: dict) -> None:
         if entry["bad_fraction"] > self.max_bad_fraction:
+            counts = entry["bad_by_reason"]
+            reason = max(counts, key=counts.get)  # The commonest reason's first row.
+            first = entry["bad_examples"][reason][0]
             raise BadDataError(
                 f"{self.name} {split}: {entry['bad']} of {entry['rows']} rows are bad "
                 f"({entry['bad_fraction']:.1%} > data.build_max_bad_fraction="
-                f"{self.max_bad_fraction:.1%}): {entry['bad_by_reason']}. The first of "
-                f"each reason are listed in {self.build_report_path}; fix the data or "
-                "raise data.build_max_bad_fraction. Nothing was published for this build.")
+                f"{self.max_bad_fraction:.1%}): {counts}; e.g. {reason} at "
+                f"{first['source']}: {first['detail']}. The first of each reason are "
+                f"listed in {self.build_report_path}; fix the data or raise "
+                "data.build_max_bad_fraction. Nothing was published for this build.")
 
 
 def manual_dir_of(data_config: ml_collections.ConfigDict, name: str) -> str:
@@ -344,12 +364,57 @@ def build(builder_cls: type[MedicalImageBuilder], config: tfds.core.BuilderConfi
 
 
 def read_csv(path: str) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) of a CSV file with a header, plain or gzipped (.gz)."""
+    """(line number, row) of a CSV file with a header, plain or gzipped (.gz).
+
+    UTF-8 with or without a byte-order mark; LF or CRLF line ends; quoted cells may span
+    lines (the line number is the row's first line). Header names are stripped of
+    surrounding spaces. A short row's missing cells are ""; a long row's extra cells are
+    under the key None (as csv.DictReader does). Rows of blank cells are skipped. A file
+    that is not UTF-8, not valid CSV (e.g. a quote never closed) or a broken .gz is a
+    ValueError naming the file and the line.
+    """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            yield reader.line_num, row
+    line = 0
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            # strict: a quote left open must not swallow the rest of the file silently.
+            reader = csv.reader(f, strict=True)
+            header = None
+            while True:
+                line = reader.line_num + 1
+                cells = next(reader, None)
+                if cells is None:
+                    return
+                if not any(cell.strip() for cell in cells):
+                    continue
+                if header is None:
+                    header = [name.strip() for name in cells]
+                    continue
+                row = dict(zip(header, cells, strict=False))
+                for name in header[len(cells):]:
+                    row[name] = ""
+                if len(cells) > len(header):
+                    row[None] = cells[len(header):]
+                yield line, row
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} line {_first_non_utf8_line(path)}: not UTF-8 text; save "
+                         "the file as UTF-8 (in Excel: 'CSV UTF-8')") from None
+    except csv.Error as e:
+        raise ValueError(f"{path} line {line}: not valid CSV ({e}); check the quotes of "
+                         "the row that starts there") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a complete gzip file ({e})") from None
+
+
+def _first_non_utf8_line(path: str) -> int:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
 def find_file(directory: str, names: Sequence[str]) -> str:
@@ -361,6 +426,17 @@ def find_file(directory: str, names: Sequence[str]) -> str:
     raise FileNotFoundError(f"none of {', '.join(names)} in {directory}")
 
 
+def first_existing(candidates: Sequence[str]) -> str | None:
+    """The first of `candidates` that is a file, or None."""
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def missing_image(source: str, candidates: Sequence[str]) -> BadRow:
+    """The bad row of an image found at none of `candidates`, naming every one tried."""
+    tried = list(dict.fromkeys(candidates))
+    return BadRow(MISSING_IMAGE, source, "image not found; tried " + ", ".join(tried))
+
+
 def views_filter(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """`data.views` checked and canonical: () keeps every view."""
     views = tuple(config_schema.filled("data", data_config).views or ())
@@ -369,6 +445,19 @@ def views_filter(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
             raise ValueError(f"data.views contains {view!r}; expected PA, AP, LATERAL or "
                              "'' (unknown view)")
     return tuple(sorted(set(views), key=("PA", "AP", "LATERAL", "").index))
+
+
+def placeholders_of(data_config: ml_collections.ConfigDict) -> Placeholders:
+    """`data.deid` and `data.deid_pattern`, checked: what the builder makes of
+    de-identification placeholders in reports (`reports.Placeholders`)."""
+    data_config = config_schema.filled("data", data_config)
+    return Placeholders(data_config.deid, data_config.deid_pattern)
+
+
+def config_name_suffix(placeholders: Placeholders) -> str:
+    """"" for the default placeholder rule, else "_<its name>": part of a builder config's
+    name, so records cleaned by different rules never share a directory."""
+    return f"_{placeholders.name}" if placeholders.name else ""
 
 
 def views_name(views: Sequence[str]) -> str:

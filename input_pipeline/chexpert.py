@@ -7,13 +7,15 @@ Nothing is downloaded (CheXpert needs a Stanford AIMI data-use agreement); point
       train.csv                      -> split "train"
       valid.csv                      -> split "validation"
       test.csv                       -> split "test" (optional, e.g. the test labels)
+      (each may be gzipped instead: train.csv.gz, ...; the plain .csv is read if both are)
       train/patient00001/study1/view1_frontal.jpg
       ...
 
 CSV columns: Path, Sex, Age, Frontal/Lateral, AP/PA, then the 14 CheXpert labels
 (1 / 0 / -1 / blank). `Path` is looked up relative to manual_dir, then with its first
 component dropped (the CSVs say "CheXpert-v1.0-small/train/..."), then relative to
-manual_dir's parent. Sex and Age are not recorded.
+manual_dir's parent; an image in none of them is a missing image naming all three. Sex
+and Age are not recorded.
 
 Records: `has_report` False and report/findings/impression "" (later stages may turn the
 labels into text); `patient_id` "patient00001" and `study_id` "patient00001_study1" from
@@ -48,6 +50,7 @@ from input_pipeline.builder_common import (
 )
 
 SPLIT_FILES = {"train": "train.csv", "validation": "valid.csv", "test": "test.csv"}
+_CSV_SUFFIXES = ("", ".gz")  # train.csv first, then train.csv.gz.
 BAD_PATH = "bad_path"
 _PATIENT_STUDY = re.compile(r"(patient\d+)/(study\d+)/")
 
@@ -91,14 +94,14 @@ class Chexpert(builder_common.MedicalImageBuilder):
 
 def source_splits(root: str, views: tuple[str, ...] = ()) -> dict[str, SplitRows]:
     """The rows of each split of a CheXpert folder (see the module docstring)."""
-    if not os.path.isfile(os.path.join(root, SPLIT_FILES["train"])):
-        raise FileNotFoundError(f"{root} has no train.csv: data.manual_dir must be the "
-                                "folder with CheXpert's train.csv and valid.csv")
+    if _split_csv(root, "train") is None:
+        raise FileNotFoundError(f"{root} has no train.csv or train.csv.gz: data.manual_dir "
+                                "must be the folder with CheXpert's train.csv and valid.csv")
     splits: dict[str, SplitRows] = {}
     pairs = []
-    for split, name in SPLIT_FILES.items():
-        csv_path = os.path.join(root, name)
-        if not os.path.isfile(csv_path):
+    for split in SPLIT_FILES:
+        csv_path = _split_csv(root, split)
+        if csv_path is None:
             continue
         rows = splits[split] = SplitRows()
         for line, row in read_csv(csv_path):
@@ -119,8 +122,13 @@ def source_splits(root: str, views: tuple[str, ...] = ()) -> dict[str, SplitRows
             except ValueError as e:
                 rows.bad.append(BadRow(builder_common.BAD_LABEL, source, str(e)))
                 continue
+            candidates = _image_candidates(root, rel)
+            image_path = builder_common.first_existing(candidates)
+            if image_path is None:
+                rows.bad.append(builder_common.missing_image(source, candidates))
+                continue
             rows.rows.append(SourceRow(
-                key=rel, image_path=_resolve(root, rel), view=view,
+                key=rel, image_path=image_path, view=view,
                 study_id=f"{patient}_{study}", patient_id=patient, report="", findings="",
                 impression="", labels=labels, has_report=False, source=source))
     builder_common.check_patient_splits(pairs, f"CheXpert CSVs in {root}")
@@ -137,15 +145,17 @@ def _view(row: dict[str, str], rel: str) -> str:
     return view if view in ("PA", "AP") else ""
 
 
-def _resolve(root: str, rel: str) -> str:
-    """The first existing of root/rel, root/rel-without-first-part, parent(root)/rel."""
+def _split_csv(root: str, split: str) -> str | None:
+    """The CSV of `split` in `root` (plain or .gz), or None."""
+    return builder_common.first_existing(
+        [os.path.join(root, SPLIT_FILES[split] + suffix) for suffix in _CSV_SUFFIXES])
+
+
+def _image_candidates(root: str, rel: str) -> list[str]:
+    """Where `rel` may be, in order: root/rel, root/rel-without-first-part, parent/rel."""
     parts = rel.replace("\\", "/").split("/")
-    candidates = [os.path.join(root, *parts), os.path.join(root, *parts[1:]),
-                  os.path.join(os.path.dirname(os.path.abspath(root)), *parts)]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    return candidates[0]
+    return [os.path.join(root, *parts), os.path.join(root, *parts[1:]),
+            os.path.join(os.path.dirname(os.path.abspath(root)), *parts)]
 
 
 def builder_config(data_config: ml_collections.ConfigDict) -> ChexpertConfig:

@@ -19,7 +19,8 @@ Every image is mapped onto the full uint16 range [0, 65535]:
   -> MONOCHROME1 inverted (its low values are white) -> scaled to [0, 65535].
   Compressed transfer syntaxes decode where one of pydicom's installed decoders handles
   them (Pillow covers JPEG baseline/extended and JPEG 2000; install the `dicom-codecs`
-  extra for JPEG-LS and JPEG lossless).
+  extra, `pip install -e '.[dicom-codecs]'`, for JPEG-LS and JPEG lossless). Where none
+  is installed the error lists every decoder pydicom knows and the package it lacks.
 
 Anything that cannot be read raises `ImageDecodeError`, which names the file and why.
 """
@@ -35,6 +36,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 UINT16_MAX = 65535
+# The setup.py extra with pydicom's decoders for JPEG-LS and JPEG lossless.
+DICOM_CODECS_INSTALL = "pip install -e '.[dicom-codecs]'"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _DICOM_MAGIC_OFFSET = 128  # "DICM" follows the 128-byte preamble of a DICOM file.
 
@@ -102,9 +105,7 @@ def dicom_unit_range(ds, path: str = "<dataset>") -> np.ndarray:
     try:
         stored = ds.pixel_array
     except Exception as e:  # No decoder, or corrupt encapsulated data.
-        syntax = _transfer_syntax_name(ds)
-        raise ImageDecodeError(path, f"cannot decode pixel data ({syntax}): "
-                                     f"{_first_line(e)}") from e
+        raise ImageDecodeError(path, _pixel_decode_failure(ds, e)) from e
     if stored.ndim != 2:
         raise ImageDecodeError(path, f"pixel data of shape {stored.shape}; expected [H, W]")
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
@@ -184,6 +185,17 @@ def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
+
+
+def decode_png16(data: bytes) -> np.ndarray:
+    """16-bit grayscale PNG bytes (as `encode_png` writes for uint16) -> uint16 [H, W],
+    the values `tf.io.decode_png(data, dtype=tf.uint16)` gives."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format != "PNG" or image.mode not in ("I;16", "I;16B", "I"):
+            raise ValueError(f"expected a 16-bit grayscale PNG, got {image.format} "
+                             f"mode {image.mode}")
+        # Some Pillow versions open 16-bit PNG as "I" (int32 holding the samples).
+        return np.asarray(image).astype(np.uint16)
 
 
 class ImageJob(NamedTuple):
@@ -279,6 +291,40 @@ def _transfer_syntax_name(ds) -> str:
     if syntax is None:
         return "unknown transfer syntax"
     return f"{syntax.name} {syntax}" if syntax.name != str(syntax) else str(syntax)
+
+
+def _pixel_decode_failure(ds, error: BaseException) -> str:
+    """Why `ds.pixel_array` failed, in one line: pydicom's whole message (it lists each
+    decoder and the package it lacks) and, when no installed decoder handles the transfer
+    syntax, how to install one."""
+    text = f"cannot decode pixel data ({_transfer_syntax_name(ds)}): {one_line(error)}"
+    if not _decoder_installed(ds):
+        text += f"; install the decoders with: {DICOM_CODECS_INSTALL}"
+    return text
+
+
+def _decoder_installed(ds) -> bool:
+    """False when pydicom knows a decoder for the transfer syntax but none of its
+    plugins has its dependencies installed (True when unsure)."""
+    from pydicom.pixels import get_decoder
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None:
+        return True
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:  # No decoder at all: no package would help.
+        return True
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: message` with the message's lines joined (after a line ending in ":" by a
+    space, else by "; "), so a multi-line message fits one log or report line whole."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = ""
+    for line in lines:
+        text += line if not text else (" " if text.endswith(":") else "; ") + line
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:

@@ -21,11 +21,12 @@ NaN; studies without a row get all-NaN labels). Splits are the official ones
 (validate -> validation); a patient found in two splits is an error. `data.views` keeps
 only those views (e.g. ("PA", "AP") for frontal only); the others are "filtered", not bad.
 Bad rows (missing or unreadable image, missing or empty report) are skipped and counted
-(see builder_common).
+(see builder_common); a missing image names the .jpg, .dcm and .png paths tried.
 
 Config fields: data.manual_dir, data.reports_dir (None: manual_dir), data.data_dir,
-data.source_max_size (512), data.views (None: all), data.build_max_bad_fraction (0.01),
-data.build_workers (None: all CPUs).
+data.source_max_size (512), data.views (None: all), data.deid ("drop") and
+data.deid_pattern (None: the report's de-identification placeholders, see reports.py),
+data.build_max_bad_fraction (0.01), data.build_workers (None: all CPUs).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from input_pipeline.builder_common import (
     normalize_view,
     read_csv,
 )
+from input_pipeline.reports import DEFAULT_PLACEHOLDERS, Placeholders
 
 _SPLIT_NAMES = {"train": "train", "validate": "validation", "validation": "validation",
                 "test": "test"}
@@ -58,14 +60,22 @@ def _csv_names(kind: str) -> tuple[str, str]:
 
 @dataclasses.dataclass(eq=False)
 class MimicCxrConfig(tfds.core.BuilderConfig):
-    """Longest image side kept and the views kept; `name` is derived from them."""
+    """Longest image side kept, the views kept and the placeholder rule (data.deid,
+    data.deid_pattern); `name` is derived from them."""
 
     name: str = ""
     source_max_size: int = builder_common.DEFAULT_SOURCE_MAX_SIZE
     views: tuple[str, ...] = ()
+    deid: str = "drop"
+    deid_pattern: str | None = None
+
+    @property
+    def placeholders(self) -> Placeholders:
+        return Placeholders(self.deid, self.deid_pattern)
 
     def __post_init__(self):
-        expected = f"s{self.source_max_size}_{builder_common.views_name(self.views)}"
+        expected = (f"s{self.source_max_size}_{builder_common.views_name(self.views)}"
+                    f"{builder_common.config_name_suffix(self.placeholders)}")
         if not self.name:
             self.name = expected
         elif self.name != expected:
@@ -76,8 +86,12 @@ class MimicCxrConfig(tfds.core.BuilderConfig):
 class MimicCxr(builder_common.MedicalImageBuilder):
     """MIMIC-CXR chest X-rays with free-text reports and CheXpert labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Reports: XXXX and [** **] placeholders too, data.deid; upper-case "
+                 "headers mid-line split flattened reports; hyphenated line breaks joined.",
+    }
     BUILDER_CONFIGS = [MimicCxrConfig()]
     DESCRIPTION = ("MIMIC-CXR chest X-rays (16-bit PNG), report FINDINGS/IMPRESSION, "
                    "CheXpert labels (1/0/-1/NaN), official splits. One record per image.")
@@ -95,10 +109,11 @@ class MimicCxr(builder_common.MedicalImageBuilder):
 
     def _source_splits(self, manual_dir: str) -> dict[str, SplitRows]:
         return source_splits(manual_dir, self.reports_dir or manual_dir,
-                             self.builder_config.views)
+                             self.builder_config.views, self.builder_config.placeholders)
 
 
-def source_splits(root: str, reports_root: str, views: tuple[str, ...] = ()
+def source_splits(root: str, reports_root: str, views: tuple[str, ...] = (),
+                  placeholders: Placeholders = DEFAULT_PLACEHOLDERS
                   ) -> dict[str, SplitRows]:
     """The rows of each split of a MIMIC-CXR tree (see the module docstring)."""
     split_path = builder_common.find_file(root, _csv_names("split"))
@@ -129,30 +144,38 @@ def source_splits(root: str, reports_root: str, views: tuple[str, ...] = ()
         source = f"{split_path} line {line} ({dicom_id})"
         if study not in studies:
             studies[study] = _study_fields(reports_root, subject, study,
-                                           label_rows.get((subject, study)), labels_path)
+                                           label_rows.get((subject, study)), labels_path,
+                                           placeholders)
         fields = studies[study]
         if isinstance(fields, BadRow):
             rows.bad.append(BadRow(fields.reason, source, fields.detail))
             continue
+        candidates = [os.path.join(study_dir, dicom_id + suffix)
+                      for suffix in _IMAGE_SUFFIXES]
+        image_path = builder_common.first_existing(candidates)
+        if image_path is None:
+            rows.bad.append(builder_common.missing_image(source, candidates))
+            continue
         report, findings, impression, labels = fields
         rows.rows.append(SourceRow(
-            key=dicom_id, image_path=_image_path(study_dir, dicom_id), view=view,
+            key=dicom_id, image_path=image_path, view=view,
             study_id=f"s{study}", patient_id=f"p{subject}", report=report,
             findings=findings, impression=impression, labels=labels, has_report=True,
             source=source))
     return splits
 
 
-def _study_fields(reports_root: str, subject: str, study: str, label_row, labels_path: str):
+def _study_fields(reports_root: str, subject: str, study: str, label_row, labels_path: str,
+                  placeholders: Placeholders):
     """(report, findings, impression, labels) of a study, or the BadRow that skips it."""
     path = os.path.join(reports_root, "files", f"p{subject[:2]}", f"p{subject}",
                         f"s{study}.txt")
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             text = f.read()
     except FileNotFoundError:
         return BadRow(builder_common.MISSING_REPORT, "", f"{path}: file not found")
-    fields = builder_common.report_fields(text)
+    fields = builder_common.report_fields(text, placeholders)
     if fields is None:
         return BadRow(builder_common.EMPTY_REPORT, "",
                       f"{path}: no FINDINGS/IMPRESSION text and no fallback paragraph")
@@ -165,22 +188,15 @@ def _study_fields(reports_root: str, subject: str, study: str, label_row, labels
         return BadRow(builder_common.BAD_LABEL, "", f"{labels_path} line {line}: {e}")
 
 
-def _image_path(study_dir: str, dicom_id: str) -> str:
-    """The image of `dicom_id` in its first existing format (.jpg, .dcm, .png); the .jpg
-    name when none exists, so the row is reported as a missing image."""
-    for suffix in _IMAGE_SUFFIXES:
-        path = os.path.join(study_dir, dicom_id + suffix)
-        if os.path.isfile(path):
-            return path
-    return os.path.join(study_dir, dicom_id + _IMAGE_SUFFIXES[0])
-
-
 def builder_config(data_config: ml_collections.ConfigDict) -> MimicCxrConfig:
-    """The builder config of `data_config` (data.source_max_size, data.views)."""
+    """The builder config of `data_config` (data.source_max_size, data.views, data.deid,
+    data.deid_pattern)."""
+    placeholders = builder_common.placeholders_of(data_config)
     config = MimicCxrConfig(
         source_max_size=int(data_config.get("source_max_size",
                                             builder_common.DEFAULT_SOURCE_MAX_SIZE) or 0),
-        views=builder_common.views_filter(data_config))
+        views=builder_common.views_filter(data_config), deid=placeholders.mode,
+        deid_pattern=placeholders.pattern)
     # TFDS refuses a fresh instance that shares a name with one of BUILDER_CONFIGS.
     return MimicCxr.builder_configs.get(config.name, config)
 

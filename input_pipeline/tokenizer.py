@@ -11,6 +11,9 @@ The Python side never imports TensorFlow; `Tokenizer.tf_encode`,
 `Tokenizer.tf_normalize_and_encode` and `ensure_tokenizer` import it when called.
 Training, evaluation (the tf.data graph calls `tf_normalize_and_encode`) and export
 (`encode_batch`) all go through `normalize_text` and `encode_normalized`.
+
+`text_lengths` measures texts in those units (BOS and EOS included, before truncation):
+percentiles and the share that `max_len` truncates, as `train_tokenizer` prints them.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 from jaxmedclip.vocabulary import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401
 
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
+LENGTH_PERCENTILES = (50, 90, 95, 99)
 
 
 def normalize_text(text: str | bytes) -> str:
@@ -119,6 +123,13 @@ class Tokenizer:
             row[: len(ids)] = ids
         return tokens
 
+    def token_counts(self, texts: Sequence[str | bytes]) -> np.ndarray:
+        """int64 [N]: the length of each text's row before truncation, BOS and EOS
+        included (a row holds min(count, max_len) tokens)."""
+        normalized = [normalize_text(t) for t in texts]
+        pieces = self._processor.encode(normalized, out_type=int, num_threads=1)
+        return np.array([len(ids) + 2 for ids in pieces], dtype=np.int64)
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of one row: BOS and padding dropped, stops at the first EOS."""
         pieces = []
@@ -156,6 +167,36 @@ class Tokenizer:
         normalized.set_shape(texts.shape)
         tokens.set_shape([texts.shape[0], self.max_len])
         return normalized, tokens
+
+
+class TextLengths(NamedTuple):
+    """Token counts of a set of texts (`Tokenizer.token_counts`: BOS and EOS included,
+    before truncation) and how many `max_len` truncates."""
+
+    count: int
+    percentiles: dict[int, int]  # q -> the smallest length that q% of the texts fit in.
+    max: int
+    max_len: int
+    truncated: int  # Texts longer than max_len: their rows lose their end.
+
+    @property
+    def truncated_fraction(self) -> float:
+        return self.truncated / self.count
+
+
+def text_lengths(tokenizer: Tokenizer, texts: Sequence[str | bytes],
+                 percentiles: Sequence[int] = LENGTH_PERCENTILES) -> TextLengths:
+    """The length figures of `texts` under `tokenizer` (and its `max_len`)."""
+    if not len(texts):
+        raise ValueError("text_lengths of no texts")
+    counts = tokenizer.token_counts(texts)
+    # inverted_cdf: an observed length, the smallest that q% of the texts do not exceed.
+    at = np.percentile(counts, list(percentiles), method="inverted_cdf")
+    return TextLengths(
+        count=len(counts),
+        percentiles={int(q): int(v) for q, v in zip(percentiles, at, strict=True)},
+        max=int(counts.max()), max_len=tokenizer.max_len,
+        truncated=int(np.count_nonzero(counts > tokenizer.max_len)))
 
 
 def tensorflow_on_host():
@@ -205,7 +246,32 @@ def train_tokenizer(data_config, builder, split: str = "train", path: str | None
 
 
 def _split_reports(builder, split: str) -> Iterable[str]:
-    """Each study's full report in `split`, once per study (records are per image)."""
+    """Each study's full report in `split`, once per study (records are per image). A
+    study without a report (label-only data such as CheXpert) gives its labels as the
+    model reads them, `labels_to_prompt` text (one draw, seeded), so that a tokenizer can
+    be trained on label-only data too; a study with neither gives nothing."""
+    from input_pipeline import labeler
+
+    rng = np.random.default_rng(0)
+    for report, labels in split_study_fields(builder, split, ("report", "labels")):
+        report = report.decode("utf-8")
+        if report.strip():
+            yield report
+        elif not np.all(np.isnan(labels)):
+            yield labeler.labels_to_prompt(labels, rng)
+
+
+def split_study_texts(builder, split: str, fields: Sequence[str]
+                      ) -> Iterator[tuple[str, ...]]:
+    """The text `fields` (e.g. "report", "findings") of each study in `split`, once per
+    study (records are per image), in record order."""
+    for values in split_study_fields(builder, split, fields):
+        yield tuple(value.decode("utf-8") for value in values)
+
+
+def split_study_fields(builder, split: str, fields: Sequence[str]) -> Iterator[tuple]:
+    """The record `fields` of each study in `split` as stored (bytes for text), once per
+    study, in record order; images are not decoded."""
     import tensorflow_datasets as tfds
 
     source = builder.as_data_source(split=split,
@@ -215,7 +281,7 @@ def _split_reports(builder, split: str) -> Iterable[str]:
         for example in source.__getitems__(range(start, min(start + 256, len(source)))):
             if example["study_id"] not in seen:
                 seen.add(example["study_id"])
-                yield example["report"].decode("utf-8")
+                yield tuple(example[field] for field in fields)
 
 
 def _read_bytes(path: str) -> bytes:

@@ -70,6 +70,7 @@ REDUCTIONS = ("mean", "sum")
 TEXT_SOURCES = ("report", "both", "findings", "impression", "sentences")
 MULTIVIEW_TEXTS = ("resample", "findings_impression")
 TOKENIZER_TYPES = ("unigram", "bpe", "char", "word")
+DEID_MODES = ("drop", "token")  # input_pipeline.reports.DEID_MODES
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 IMAGE_POOLS = ("cls", "mean", "map")
@@ -161,6 +162,10 @@ FIELDS: dict[str, Any] = dict(
         max_bad_fraction=_f(0.05, FLOAT),
         build_max_bad_fraction=_f(None, FLOAT),
         build_workers=_f(None, INT),
+        # De-identification placeholders in reports (input_pipeline/reports.py): "drop"
+        # removes them, "token" writes one placeholder token; deid_pattern: an extra regex.
+        deid=_f("drop", choices=DEID_MODES),
+        deid_pattern=_f(None, STR),
         image_size=_f(REQUIRED, INT),
         image_mean=_f(0.5, FLOAT),
         image_std=_f(0.25, FLOAT),

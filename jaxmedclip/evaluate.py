@@ -132,10 +132,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise SystemExit(f"error: {e}") from None
     split = own.split or cfg.split
-
-    from input_pipeline import pipeline  # tensorflow is needed from here on only.
-
-    builder, tokenizer = pipeline.prepare(config.data)
+    try:
+        builder, tokenizer = training.prepare_data(config.data)
+    except training.DataError as e:
+        raise SystemExit(f"error: {e}") from None
     log.info("evaluating step %d of %s on %r", step, args.workdir, split)
     result = evaluation.build_report(
         config,

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> training.TrainResult | None:
             setup,
             allow_data_position_change=args.allow_data_position_change,
         )
-    except checkpointing.ResumeError as e:
+    except (checkpointing.ResumeError, training.DataError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -1,5 +1,6 @@
 """Real-data builders (mimic_cxr, csv_manifest, chexpert) on tiny fixture trees."""
 
+import gzip
 import io
 import json
 import math
@@ -133,6 +134,13 @@ def test_mimic_cxr_bad_rows_are_skipped_counted_and_named(tmp_path):
     details = " ".join(example["detail"] for entry in report.values()
                        for rows in entry["bad_examples"].values() for example in rows)
     assert "file not found" in details and "not a readable image" in details
+    # A missing image names every file tried: the .jpg, .dcm and .png of its dicom_id.
+    (missing_id,) = [d for d, reason in facts["bad"].items() if reason == "missing_image"]
+    (missing,) = [e for entry in report.values()
+                  for e in entry["bad_examples"].get("missing_image", [])]
+    study_dir = os.path.dirname(facts["images"][missing_id]["path"])
+    assert missing["detail"] == "image not found; tried " + ", ".join(
+        os.path.join(study_dir, missing_id + suffix) for suffix in (".jpg", ".dcm", ".png"))
 
 
 def test_mimic_cxr_too_many_bad_rows_raise_and_publish_nothing(tmp_path):
@@ -158,8 +166,9 @@ def test_mimic_cxr_too_many_bad_rows_raise_and_publish_nothing(tmp_path):
 def test_bad_images_over_the_limit_raise_after_decoding(tmp_path):
     root = tmp_path / "raw"
     write_raster(root / "x.png", gradient(6, 6))
+    (root / "broken.png").write_bytes(b"\x89PNG broken")  # Bad only once decoded.
     rows = [["x.png", "Clear.", f"s{i}", f"p{i}", "PA", "train"] for i in range(9)]
-    rows.append(["gone.png", "Clear.", "s9", "p9", "PA", "train"])
+    rows.append(["broken.png", "Clear.", "s9", "p9", "PA", "train"])
     write_manifest(root, rows)
     with pytest.raises(BadDataError, match="1 of 10 rows are bad"):
         csv_manifest.build(data_config(tmp_path, "csv_manifest", build_max_bad_fraction=0.05))
@@ -291,6 +300,135 @@ def test_csv_manifest_bad_rows(tmp_path):
     assert entry["bad_examples"]["missing_image"][0]["source"].endswith("manifest.csv line 8")
 
 
+# ---------------------------------------------------- CSV files and manifests as written
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a,b\n1,2\n3,4\n", [(2, {"a": "1", "b": "2"}), (3, {"a": "3", "b": "4"})]),
+    # Excel's "CSV UTF-8": a byte-order mark and CRLF line ends.
+    ("\ufeffa,b\r\n1,2\r\n3,4\r\n", [(2, {"a": "1", "b": "2"}), (3, {"a": "3", "b": "4"})]),
+    # A quoted cell over three lines, with a doubled quote; the next row starts at line 5.
+    ('a,b\n1,"x\nsaid ""y""\nz"\n3,4\n',
+     [(2, {"a": "1", "b": 'x\nsaid "y"\nz'}), (5, {"a": "3", "b": "4"})]),
+    ('a,b\r\n1,"x\r\ny"\r\n3,4\r\n', [(2, {"a": "1", "b": "x\r\ny"}), (4, {"a": "3", "b": "4"})]),
+    # Spaces around header names; blank lines and rows of blank cells are no rows.
+    (" a , b \n\n1,2\n, \n3,4\n", [(3, {"a": "1", "b": "2"}), (5, {"a": "3", "b": "4"})]),
+    # A short row's missing cells are ""; a long row keeps its extra cells under None.
+    ("a,b\n1\n3,4,5,6\n", [(2, {"a": "1", "b": ""}), (3, {"a": "3", "b": "4", None: ["5", "6"]})]),
+], ids=["lf", "bom-crlf", "multi-line", "multi-line-crlf", "blank-rows", "short-long"])
+def test_read_csv_rows_and_their_first_lines(tmp_path, text, expected):
+    plain = tmp_path / "t.csv"
+    plain.write_bytes(text.encode())
+    zipped = tmp_path / "t.csv.gz"
+    zipped.write_bytes(gzip.compress(text.encode()))
+    assert list(builder_common.read_csv(str(plain))) == expected
+    assert list(builder_common.read_csv(str(zipped))) == expected
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("t.csv", b'a,b\n1,2\n3,"open\n4,5\n', r"t\.csv line 3: not valid CSV \(unexpected end"),
+    ("t.csv", b'a,b\n1,"x"y\n', r"t\.csv line 2: not valid CSV"),
+    ("t.csv", "a,b\n1,2\n3,caf\xe9\n".encode("latin-1"), r"t\.csv line 3: not UTF-8 text"),
+    ("t.csv.gz", b"a,b\n1,2\n", r"t\.csv\.gz: not a complete gzip file"),
+    ("t.csv.gz", gzip.compress(b"a,b\n" + b"1,2\n" * 100)[:-12],
+     r"t\.csv\.gz: not a complete gzip file"),
+], ids=["open-quote", "junk-after-quote", "latin-1", "not-gzip", "truncated-gzip"])
+def test_read_csv_errors_name_the_file_and_line(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        list(builder_common.read_csv(str(path)))
+
+
+def test_csv_manifest_rows_as_spreadsheets_write_them(tmp_path):
+    root = tmp_path / "raw"
+    write_raster(root / "img" / "a.png", gradient(6, 6))
+    elsewhere = write_raster(tmp_path / "elsewhere" / "b.png", gradient(6, 6))
+    lines = [
+        "\ufeffimage,report,study_id,patient_id,view,split,site,Edema",
+        'img/a.png,"FINDINGS: Clear lungs,\r\nno effusion.\r\nIMPRESSION: Normal.",s1,p1,PA,'
+        "train,A,1",
+        f"{elsewhere},No acute process.,s2,p2,AP,train,B,",  # Absolute path.
+        "img\\a.png,Clear.,s3,p3,PA,train,C,0",  # Windows separators.
+        "img/gone.png;img/a.png,Clear.,s4,p4,PA;LATERAL,train,D,",
+        "img/a.png,Clear, unquoted,s5,p5,PA,train,E,",  # One cell too many.
+    ]
+    manifest = root / "manifest.csv"
+    manifest.write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    splits = csv_manifest.source_splits(str(manifest), str(root))
+    rows = splits["train"].rows
+    assert [(r.study_id, r.view, r.image_path, r.source) for r in rows] == [
+        ("s1", "PA", str(root / "img" / "a.png"), f"{manifest} line 2"),
+        ("s2", "AP", elsewhere, f"{manifest} line 5"),
+        ("s3", "PA", str(root / "img" / "a.png"), f"{manifest} line 6"),
+        ("s4", "LATERAL", str(root / "img" / "a.png"), f"{manifest} line 7")]
+    assert (rows[0].findings, rows[0].impression) == ("Clear lungs, no effusion.", "Normal.")
+    assert rows[0].labels[FINDING_INDEX["Edema"]] == 1
+    assert rows[2].labels[FINDING_INDEX["Edema"]] == 0
+    assert np.isnan(rows[1].labels).all()
+    assert [(b.reason, b.source, b.detail) for b in splits["train"].bad] == [
+        ("missing_image", f"{manifest} line 7",
+         f"image not found; tried {root / 'img' / 'gone.png'}"),
+        ("bad_manifest_row", f"{manifest} line 8",
+         "1 cells more than the header has columns (a comma in an unquoted cell?)")]
+
+
+# ------------------------------------------------- one tiny 16-bit build, read two ways
+
+
+@pytest.fixture(scope="module")
+def sixteen_bit_build(tmp_path_factory):
+    """A csv_manifest build of three 16-bit PNGs, the manifest saved by a spreadsheet
+    (BOM, CRLF, a quoted multi-line report), with one missing image; and the images."""
+    tmp_path = tmp_path_factory.mktemp("sixteen_bit")
+    root = tmp_path / "raw"
+    pixels = {f"{i}.png": gradient(9 + i, 7, dtype=np.uint16, seed=i) for i in range(3)}
+    for name, image in pixels.items():
+        write_raster(root / name, image)
+    lines = ["\ufeffimage,report,study_id,view,split",
+             '0.png,"FINDINGS:\r\nHeart size is normal.\r\n\r\nIMPRESSION:\r\nNo acute '
+             'process.",s0,PA,train',
+             "1.png,Clear.,s1,AP,train", "2.png,Clear.,s2,LATERAL,train",
+             "gone.png,Clear.,s3,PA,train"]
+    (root / "manifest.csv").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    builder = csv_manifest.build(data_config(tmp_path, "csv_manifest",
+                                             build_max_bad_fraction=0.5))
+    return builder, pixels, root
+
+
+def test_random_access_decodes_16_bit_records_like_tf_data(sixteen_bit_build):
+    import tensorflow as tf
+
+    builder, pixels, _ = sixteen_bit_build
+    decoded = builder.as_data_source("train")  # TFDS's own NumPy decoding, no OpenCV.
+    raw = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+    assert len(decoded) == 3
+    by_study = {}
+    for i in range(len(decoded)):
+        image = decoded[i]["image"]
+        assert image.dtype == np.uint16 and image.shape[2] == 1
+        tf_image = tf.io.decode_png(raw[i]["image"], channels=1, dtype=tf.uint16).numpy()
+        np.testing.assert_array_equal(image, tf_image)
+        by_study[decoded[i]["study_id"].decode()] = image[..., 0]
+    for i in range(3):
+        np.testing.assert_array_equal(by_study[f"s{i}"], pixels[f"{i}.png"])
+
+
+def test_manifest_build_from_a_spreadsheet_csv(sixteen_bit_build):
+    builder, _, root = sixteen_bit_build
+    train = records(builder, "train")
+    assert [(e["study_id"], e["view"]) for e in train] == [("s0", "PA"), ("s1", "AP"),
+                                                          ("s2", "LATERAL")]
+    assert (train[0]["findings"], train[0]["impression"]) == ("Heart size is normal.",
+                                                              "No acute process.")
+    entry = build_report(builder)["train"]
+    assert (entry["rows"], entry["written"], entry["bad_by_reason"]) == (
+        4, 3, {"missing_image": 1})
+    assert entry["bad_examples"]["missing_image"] == [{
+        "source": f"{root / 'manifest.csv'} line 9",  # The multi-line row is lines 2-6.
+        "detail": f"image not found; tried {root / 'gone.png'}"}]
+
+
 # ------------------------------------------------------------------------------ chexpert
 
 
@@ -329,6 +467,33 @@ def test_chexpert_label_only_records(tmp_path):
     assert np.isnan(first["labels"]).sum() == 11
     (valid,) = records(builder, "validation")
     assert valid["view"] == "PA" and valid["patient_id"] == "patient64541"
+
+
+def test_chexpert_gzipped_csvs_and_a_missing_image_names_every_path_tried(tmp_path):
+    root = tmp_path / "CheXpert-v1.0-small"
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_FINDINGS]
+    present = "train/patient00001/study1/view1_frontal.jpg"
+    absent = "train/patient00002/study1/view1_frontal.jpg"
+    write_raster(root / present, gradient(6, 6))
+    write_csv(root / "train.csv.gz", header, [
+        [f"CheXpert-v1.0-small/{rel}", "Female", "50", "Frontal", "PA",
+         *label_cells({"Edema": 1.0})] for rel in (present, absent)], gz=True)
+    write_csv(root / "valid.csv.gz", header, [], gz=True)
+    splits = chexpert.source_splits(str(root))
+    assert set(splits) == {"train", "validation"}
+    (row,) = splits["train"].rows
+    assert row.image_path == str(root / present)
+    assert row.labels[FINDING_INDEX["Edema"]] == 1
+    (bad,) = splits["train"].bad
+    assert bad.reason == "missing_image"
+    assert bad.source == f"{root / 'train.csv.gz'} line 3"
+    # Tried: manual_dir/Path, manual_dir/Path-without-its-first-part, and its parent/Path
+    # (here the second again, named once).
+    assert bad.detail == (f"image not found; tried {root / 'CheXpert-v1.0-small' / absent}, "
+                          f"{root / absent}")
+    os.remove(root / "train.csv.gz")
+    with pytest.raises(FileNotFoundError, match="no train.csv or train.csv.gz"):
+        chexpert.source_splits(str(root))
 
 
 # ------------------------------------------------------------------------ shared pieces

@@ -68,11 +68,34 @@ def test_dicom_rle_compressed_equals_uncompressed(tmp_path):
     np.testing.assert_array_equal(rle, plain)
 
 
-def test_undecodable_dicom_names_file_and_transfer_syntax(tmp_path):
-    stored = np.zeros((4, 4), dtype=np.uint16)
-    path = write_dicom(tmp_path / "ls.dcm", stored, transfer_syntax="1.2.840.10008.1.2.4.80")
-    with pytest.raises(ImageDecodeError, match=r"ls\.dcm: cannot decode pixel data \(JPEG-LS"):
+@pytest.mark.parametrize("syntax, name", [("1.2.840.10008.1.2.4.80", "JPEG-LS Lossless"),
+                                          ("1.2.840.10008.1.2.4.70", "JPEG Lossless")])
+def test_undecodable_dicom_lists_the_missing_decoders_and_how_to_install(tmp_path, syntax,
+                                                                         name):
+    from pydicom.pixels import get_decoder
+
+    decoder = get_decoder(syntax)
+    if decoder.is_available:
+        pytest.skip(f"a {name} decoder is installed here")
+    path = write_dicom(tmp_path / "c.dcm", np.zeros((4, 4), np.uint16), transfer_syntax=syntax)
+    with pytest.raises(ImageDecodeError, match=rf"c\.dcm: cannot decode pixel data \({name}"):
         load_image(path)
+    message = images.encode_job(ImageJob(path, None)).detail  # As the build report has it.
+    assert "\n" not in message
+    # Every plugin pydicom knows for the syntax, each with the packages it lacks.
+    assert decoder.missing_dependencies  # E.g. "gdcm - requires gdcm>=3.0.10".
+    for missing in decoder.missing_dependencies:
+        assert missing in message
+    assert message.endswith("; install the decoders with: pip install -e '.[dicom-codecs]'")
+
+
+def test_corrupt_data_with_an_installed_decoder_gets_no_install_hint(tmp_path):
+    path = write_dicom(tmp_path / "j.dcm", np.zeros((4, 4), np.uint8),
+                       transfer_syntax="1.2.840.10008.1.2.4.50")  # JPEG baseline: Pillow.
+    with pytest.raises(ImageDecodeError, match=r"j\.dcm: cannot decode pixel data \(JPEG "
+                                               r"Baseline.*pillow: ") as raised:
+        load_image(path)
+    assert "dicom-codecs" not in str(raised.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 40, b"\x00" * 128 + b"DICM" + b"\x01"])
@@ -150,6 +173,23 @@ def test_encode_png_round_trips(dtype):
         np.testing.assert_array_equal(np.asarray(decoded), image)
     with pytest.raises(ValueError, match="uint8 or uint16"):
         images.encode_png(image.astype(np.float32))
+
+
+def test_decode_png16_reads_what_encode_png_writes():
+    image = gradient(5, 8, dtype=np.uint16)
+    decoded = images.decode_png16(images.encode_png(image))
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, image)
+    with pytest.raises(ValueError, match="expected a 16-bit grayscale PNG, got PNG mode L"):
+        images.decode_png16(images.encode_png(gradient(5, 8)))
+
+
+def test_one_line_keeps_a_multi_line_message_whole():
+    error = RuntimeError("Unable to decode because:\n\tgdcm - requires gdcm\n\n\tpylibjpeg - "
+                         "requires pylibjpeg\nlast")
+    assert images.one_line(error) == ("RuntimeError: Unable to decode because: gdcm - requires "
+                                      "gdcm; pylibjpeg - requires pylibjpeg; last")
+    assert images.one_line(ValueError()) == "ValueError"
 
 
 def test_worker_protocol_turns_bad_files_into_reasons(tmp_path):

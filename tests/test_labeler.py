@@ -1,7 +1,11 @@
-"""The rule-based CheXpert-style labeler on hand-written radiology sentences, on the
-synthetic reports (whose true labels the generator knows), and labels_to_prompt."""
+"""The rule-based CheXpert-style labeler on hand-written radiology sentences (the inline
+table below and the two tables of tests/data/), on the synthetic reports (whose true
+labels the generator knows), and labels_to_prompt."""
 
+import importlib.util
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,19 @@ from input_pipeline import labeler, synthetic_cxr
 from input_pipeline.findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS
 
 P, N, U = 1.0, 0.0, -1.0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def labeler_tables():
+    """benchmarks/labeler_agreement.py: the tables' reader and the benchmark."""
+    spec = importlib.util.spec_from_file_location(
+        "labeler_agreement", os.path.join(REPO, "benchmarks", "labeler_agreement.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Its dataclasses look their module up.
+    spec.loader.exec_module(module)
+    return module
+
 
 # (text, {finding: expected value}); findings not listed must be blank, except "No
 # Finding", which is checked only where listed.
@@ -72,7 +89,14 @@ SENTENCES = [
     ("Cardiomegaly without interval change.", {"Cardiomegaly": P}),
     # Uncertainty.
     ("Possible early pneumonia in the right lower lobe.", {"Pneumonia": U}),
-    ("Bibasilar opacities may represent atelectasis.", {"Lung Opacity": U, "Atelectasis": U}),
+    # An interpretation hedges what it names; the observation stays, unless both are the
+    # same finding.
+    ("Bibasilar opacities may represent atelectasis.", {"Lung Opacity": P, "Atelectasis": U}),
+    ("Faint opacity in the lingula may represent early airspace disease.",
+     {"Lung Opacity": U}),
+    ("Blunting of the left costophrenic angle may represent a small effusion.",
+     {"Pleural Effusion": U}),
+    ("Small effusions may be present.", {"Pleural Effusion": U}),
     ("Left basilar opacity, likely atelectasis.", {"Lung Opacity": P, "Atelectasis": U}),
     ("Findings are suggestive of mild interstitial edema.", {"Edema": U}),
     ("Opacity concerning for pneumonia.", {"Lung Opacity": P, "Pneumonia": U}),
@@ -120,6 +144,65 @@ SENTENCES = [
     # A negation stops at a sentence end, even before a lower-case sentence.
     ("No effusion. cardiomegaly is present.", {"Pleural Effusion": N, "Cardiomegaly": P}),
 ]
+
+
+def test_development_table_every_row(labeler_tables):
+    """Every row of tests/data/labeler_sentences.txt: all 14 labels as written."""
+    table = labeler_tables.load_table(labeler_tables.DEFAULT_TABLE)
+    got = labeler.label_reports([row.text for row in table])
+    wrong = [
+        f"line {row.line} {row.text!r}: " + ", ".join(
+            f"{CHEXPERT_FINDINGS[k]} {got[i, k]} (want {row.labels[k]})"
+            for k in range(NUM_FINDINGS) if not _same(float(got[i, k]), float(row.labels[k])))
+        for i, row in enumerate(table)
+        if not all(_same(float(a), float(b)) for a, b in zip(got[i], row.labels, strict=True))
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_development_table_covers_the_error_classes(labeler_tables):
+    """The issue's error classes each have at least 10 rows; at least 150 rows in all."""
+    table = labeler_tables.load_table(labeler_tables.DEFAULT_TABLE)
+    counts = {}
+    for row in table:
+        counts[row.kind] = counts.get(row.kind, 0) + 1
+    assert len(table) >= 150
+    for kind in ("neg_magnitude", "old_disease", "limited_eval", "considered", "hedged",
+                 "removed_device", "reach_back", "device_fracture", "borderline",
+                 "device_vocab", "congestion", "edema", "pneumonia", "normal"):
+        assert counts.get(kind, 0) >= 10, (kind, counts)
+
+
+def test_heldout_table_floor(labeler_tables):
+    """The held-out table (not tuned on): at least 95% of rows exactly right."""
+    table = labeler_tables.load_table(labeler_tables.HELDOUT_TABLE)
+    got = labeler.label_reports([row.text for row in table])
+    right = [all(_same(float(a), float(b)) for a, b in zip(g, row.labels, strict=True))
+             for g, row in zip(got, table, strict=True)]
+    wrong = [row.text for row, ok in zip(table, right, strict=True) if not ok]
+    assert np.mean(right) >= 0.95, wrong
+
+
+def test_table_format_and_benchmark(labeler_tables, tmp_path, capsys):
+    labels = labeler_tables.parse_labels("CM=u EFF=0")
+    assert labels[FINDING_INDEX["Cardiomegaly"]] == U
+    assert labels[FINDING_INDEX["Pleural Effusion"]] == N
+    assert np.isnan(labels[FINDING_INDEX["No Finding"]])  # Uncertain pathology blocks it.
+    assert labeler_tables.parse_labels("SD=1 EFF=0")[FINDING_INDEX["No Finding"]] == P
+    with pytest.raises(ValueError, match="bad label 'XX=1'"):
+        labeler_tables.parse_labels("XX=1", "t:1")
+    path = tmp_path / "table.txt"
+    path.write_text("# comment\nx | No effusion.\\nModerate cardiomegaly. | EFF=0 CM=1\n")
+    (row,) = labeler_tables.load_table(str(path))
+    assert row.text == "No effusion.\nModerate cardiomegaly." and row.line == 2
+    path.write_text("x | two fields only\n")
+    with pytest.raises(ValueError, match="table.txt:1: want 'class | text | labels'"):
+        labeler_tables.load_table(str(path))
+    result = labeler_tables.main(["--seconds", "0.05"])
+    assert result["labeler_sentences.txt"]["rows_right"] == 1.0
+    assert result["labeler_heldout.txt"]["positive_macro_f1"] >= 0.95
+    assert result["reports_per_s"] > 0
+    assert "positive_macro_f1=1.0000" in capsys.readouterr().out
 
 
 def _same(a: float, b: float) -> bool:

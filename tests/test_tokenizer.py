@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from input_pipeline import reports as report_text
 from input_pipeline import synthetic_cxr, tokenizer
 from input_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, normalize_text
 
@@ -131,7 +132,44 @@ def test_in_graph_equals_python_on_many_texts(model_path, reports):
         assert lengths.max() <= max_len
 
 
-def test_train_tokenizer_entry(tmp_path):
+def test_text_lengths_of_known_texts(tmp_path):
+    # A word model: every word is one piece, so a text of n words is n + 2 tokens.
+    words = [f"w{i}" for i in range(12)]
+    path = tokenizer.train_sentencepiece([" ".join(words)] * 5, str(tmp_path / "words"),
+                                         vocab_size=50, model_type="word")
+    tok = Tokenizer(path, max_len=8)
+    texts = [" ".join(words[:n]) for n in range(1, 11)]  # 3 .. 12 tokens.
+    np.testing.assert_array_equal(tok.token_counts(texts), np.arange(3, 13))
+    assert tok.token_counts(["", "W0  W1"]).tolist() == [2, 4]  # Normalised first.
+    lengths = tokenizer.text_lengths(tok, texts)
+    assert lengths.percentiles == {50: 7, 90: 11, 95: 12, 99: 12}
+    assert (lengths.count, lengths.max, lengths.max_len) == (10, 12, 8)
+    assert lengths.truncated == 4 and lengths.truncated_fraction == 0.4  # 9..12 tokens.
+    # The rows the pipeline encodes hold min(count, max_len) tokens.
+    rows = tok.encode_batch(texts)
+    np.testing.assert_array_equal(np.count_nonzero(rows, axis=1),
+                                  np.minimum(tok.token_counts(texts), 8))
+    assert tokenizer.text_lengths(tok, texts[:1], percentiles=(10, 100)).percentiles == {
+        10: 3, 100: 3}
+    with pytest.raises(ValueError, match="no texts"):
+        tokenizer.text_lengths(tok, [])
+
+
+def test_deid_token_is_one_piece(reports, tmp_path):
+    # Every synthetic report holds MIMIC's "___" in its indication.
+    token = report_text.Placeholders("token")
+    texts = [report_text.parse_report(r, token).report for r in reports]
+    assert all(report_text.DEID_TOKEN in t for t in texts)
+    assert normalize_text(report_text.DEID_TOKEN) == report_text.DEID_TOKEN
+    # BPE: on 300 short reports a unigram model splits even "examination".
+    path = tokenizer.train_sentencepiece(texts, str(tmp_path / "deid"), vocab_size=300,
+                                         model_type="bpe")
+    processor = spm.SentencePieceProcessor(model_file=path)
+    pieces = processor.encode("seen by xxdeid on xxdeid.", out_type=str)
+    assert pieces.count("\u2581" + report_text.DEID_TOKEN) == 2
+
+
+def test_train_tokenizer_entry(tmp_path, capsys):
     import ml_collections
 
     from input_pipeline import pipeline, train_tokenizer
@@ -148,6 +186,21 @@ def test_train_tokenizer_entry(tmp_path):
     out = tmp_path / "out" / "spm.model"
     train_tokenizer.main(["--config", str(experiment), "--out", str(out), "--split", "test"])
     assert Tokenizer(str(out), max_len=8).vocab_size <= 200
+    # Lengths of the texts the pipeline reads (data.text "report": findings + impression),
+    # once per study, measured independently of the records here.
+    texts = [" ".join(synthetic_cxr.report_sections(
+        synthetic_cxr.generate_study(0, "test", i, source_image_size=16).report)).strip()
+        for i in range(4)]
+    lengths = tokenizer.text_lengths(Tokenizer(str(out), max_len=32), texts)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-4].startswith("tokenizer: ") and printed[-3].startswith("vocab_size: ")
+    assert printed[-2:] == [
+        "text lengths in tokens with BOS and EOS (data.text='report', split 'test', 4 "
+        "studies): " + ", ".join(f"p{q} {n}" for q, n in lengths.percentiles.items())
+        + f", max {lengths.max}",
+        f"truncated at data.max_text_len=32: {lengths.truncated / 4:.1%} "
+        f"({lengths.truncated} of 4)"]
+    assert lengths.max > 32 and lengths.truncated > 0  # Synthetic reports outgrow 32.
     train_tokenizer.main(["--config", str(experiment), "--config.data.vocab_size=150"])
     # The default --out is where prepare looks: the tokenizer is reused, not retrained.
     data = ml_collections.ConfigDict(dict(

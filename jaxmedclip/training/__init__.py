@@ -16,7 +16,7 @@
 """
 
 from jaxmedclip.training.gradcache import check_microbatch_size
-from jaxmedclip.training.loop import TrainResult, train
+from jaxmedclip.training.loop import DataError, TrainResult, prepare_data, train
 from jaxmedclip.training.objective import LocalTerm, Objective, multiview_enabled
 from jaxmedclip.training.resume import (
     WORKDIR_TOKENIZER,
@@ -46,6 +46,7 @@ from jaxmedclip.training.step import make_loss_and_grads, make_train_step
 
 __all__ = [
     "WORKDIR_TOKENIZER",
+    "DataError",
     "LocalTerm",
     "Objective",
     "Setup",
@@ -65,6 +66,7 @@ __all__ = [
     "make_loss_and_grads",
     "make_train_step",
     "multiview_enabled",
+    "prepare_data",
     "record_tokenizer",
     "resume",
     "state_shardings",

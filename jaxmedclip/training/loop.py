@@ -30,6 +30,21 @@ from jaxmedclip.training.stream import StepInterrupted
 log = logging.getLogger("jaxmedclip.train")
 
 
+class DataError(ValueError):
+    """The data could not be prepared (built, read or tokenized): bad input that the
+    message names (a file, a CSV line, the build report), not a bug."""
+
+
+def prepare_data(data_config: ml_collections.ConfigDict):
+    """`pipeline.prepare` (builder, tokenizer), its user errors raised as DataError."""
+    from input_pipeline import cli_errors, pipeline  # tensorflow is needed from here on.
+
+    try:
+        return pipeline.prepare(data_config)
+    except cli_errors.user_errors() as e:
+        raise DataError(cli_errors.error_line(e).removeprefix("error: ")) from e
+
+
 class TrainResult(NamedTuple):
     """What `train` returns: the last logged metrics and the setup that produced them."""
 
@@ -85,9 +100,9 @@ def train(
     """
     config = config_schema.complete(config)
     os.makedirs(workdir, exist_ok=True)
-    from input_pipeline import pipeline  # tensorflow is needed from here on only.
+    builder, tokenizer = prepare_data(config.data)
+    from input_pipeline import pipeline
 
-    builder, tokenizer = pipeline.prepare(config.data)
     check_tokenizer_fits(config, tokenizer.vocab_size)
     record_tokenizer(workdir, tokenizer.model_path)
     pieces = tokenizer.pieces
