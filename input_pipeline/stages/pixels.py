@@ -80,8 +80,12 @@ def decode_png(encoded_png: tf.Tensor) -> tf.Tensor:
 def decode_and_resize(encoded_png: tf.Tensor, size: int) -> tf.Tensor:
     """PNG bytes (8- or 16-bit grayscale) -> float32 [size, size, 1] in [0, 1], aspect
     ratio kept (zero padding)."""
-    return tf.image.resize_with_pad(decode_png(encoded_png), size, size, method="bilinear",
-                                    antialias=True)
+    return resize_with_pad(decode_png(encoded_png), size)
+
+
+def resize_with_pad(image: tf.Tensor, size: int) -> tf.Tensor:
+    """float32 [h, w, 1] -> [size, size, 1], aspect ratio kept (zero padding)."""
+    return tf.image.resize_with_pad(image, size, size, method="bilinear", antialias=True)
 
 
 def normalize(images: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.Tensor:
@@ -93,6 +97,13 @@ def image_preprocess(encoded_png: tf.Tensor, data_config: ml_collections.ConfigD
                      ) -> tf.Tensor:
     """PNG bytes -> normalised float32 [S, S, 1]: one image as evaluation reads it."""
     return normalize(decode_and_resize(encoded_png, data_config.image_size), data_config)
+
+
+def pixels_preprocess(pixels: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.Tensor:
+    """uint16 [h, w, 1] pixels, as a builder stores them -> what `image_preprocess` makes
+    of their PNG: the same steps without the encode / decode round trip."""
+    image = tf.image.convert_image_dtype(pixels, tf.float32)  # As decode_png does.
+    return normalize(resize_with_pad(image, data_config.image_size), data_config)
 
 
 class PixelStage:

@@ -121,8 +121,27 @@ def _prompt_embeddings(embedder, params, tokenizer, texts) -> dict[str, np.ndarr
     return dict(zip(texts, embeddings, strict=True))
 
 
-def _zero_shot(cfg, embedder, params, tokenizer, target, threshold_emb) -> tuple[dict, dict]:
-    findings = list(cfg.zero_shot_findings)
+class ZeroShotHead(NamedTuple):
+    """What turns image embeddings into zero-shot finding probabilities: each finding's
+    positive and negative prompt-ensemble embeddings and the model's logit scale."""
+
+    findings: tuple[str, ...]
+    prompt_sets: dict[str, prompts.PromptSet]
+    positive: np.ndarray  # float32 [C, D], one ensemble per finding.
+    negative: np.ndarray  # float32 [C, D]
+    scale: float
+
+    def probabilities(self, image_emb: np.ndarray) -> np.ndarray:
+        """P(finding) [N, C] of L2-normalised image embeddings [N, D] (CheXzero binary)."""
+        return zero_shot.binary_probabilities(image_emb, self.positive, self.negative, self.scale)
+
+
+def zero_shot_head(
+    cfg: ml_collections.ConfigDict, embedder: embed.Embedder, params, tokenizer
+) -> ZeroShotHead:
+    """The zero-shot head of `cfg.zero_shot_findings` under `cfg.prompts` (`cfg`: an
+    `eval_config`), with the prompts embedded by `embedder`'s model at `params`."""
+    findings = tuple(cfg.zero_shot_findings)
     sets = prompts.prompt_sets(findings, cfg.prompts)
     table = _prompt_embeddings(
         embedder, params, tokenizer, [p for s in sets.values() for p in (*s.positive, *s.negative)]
@@ -136,17 +155,21 @@ def _zero_shot(cfg, embedder, params, tokenizer, target, threshold_emb) -> tuple
             ]
         )
 
-    positive, negative = ensembles("positive"), ensembles("negative")
-    scale = embedder.scale(params)
+    return ZeroShotHead(
+        findings, sets, ensembles("positive"), ensembles("negative"), embedder.scale(params)
+    )
+
+
+def _zero_shot(cfg, embedder, params, tokenizer, target, threshold_emb) -> tuple[dict, dict]:
+    head = zero_shot_head(cfg, embedder, params, tokenizer)
+    findings, sets, scale = list(head.findings), head.prompt_sets, head.scale
     columns = _label_columns(findings)
-    scores = zero_shot.binary_probabilities(target.image_emb, positive, negative, scale)
+    scores = head.probabilities(target.image_emb)
     kwargs = {}
     if threshold_emb is not None:
         kwargs = dict(
             threshold_labels=threshold_emb.labels[:, columns],
-            threshold_scores=zero_shot.binary_probabilities(
-                threshold_emb.image_emb, positive, negative, scale
-            ),
+            threshold_scores=head.probabilities(threshold_emb.image_emb),
         )
     labels = target.labels[:, columns]
     result = metrics.multilabel_report(
@@ -363,11 +386,13 @@ def evaluate(
 
 __all__ = [
     "EvalResult",
+    "ZeroShotHead",
     "build_report",
     "default_config",
     "eval_config",
     "evaluate",
     "write_outputs",
+    "zero_shot_head",
     "embed",
     "linear_probe",
     "metrics",
