@@ -32,3 +32,22 @@ def _restore_package_logger():
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(experiment file, workdir) of a 2-step training run of a tiny synthetic config
+    (`test_evaluate_entry._experiment_file`), evaluated on validation at step 2 by the
+    training loop (so `<workdir>/eval/2/validation/report.json` holds validation-chosen
+    thresholds). Shared by the tests of what users do with a trained model (predict,
+    grounding, report drafting): read-only, copy it to write beside the checkpoint."""
+    pytest.importorskip("input_pipeline.pipeline")
+    from test_evaluate_entry import _experiment_file
+
+    from jaxmedclip import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    experiment = _experiment_file(root)
+    workdir = str(root / "work")
+    train.main(["--config", experiment, "--workdir", workdir, "--config.eval.every_steps=2"])
+    return experiment, workdir

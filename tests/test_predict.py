@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn import metrics as skm
 from test_evaluate_entry import _experiment_file
 
-from jaxmedclip import config_lib, evaluate, evaluation, export, predict, train
+from jaxmedclip import config_lib, evaluate, evaluation, export, predict
 from jaxmedclip.evaluation import embed, prompts
 from jaxmedclip.vocabulary import EOS_ID, FINDING_INDEX
 
@@ -27,12 +27,10 @@ STEP = 2
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(experiment file, workdir) of a 2-step run evaluated on validation at step 2."""
-    root = tmp_path_factory.mktemp("predict_run")
-    experiment = _experiment_file(root)
-    workdir = str(root / "work")
-    train.main(["--config", experiment, "--workdir", workdir, f"--config.eval.every_steps={STEP}"])
+def run(tiny_run):
+    """(experiment file, workdir) of the shared 2-step run (conftest.tiny_run)."""
+    experiment, workdir = tiny_run
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(STEP)))
     return experiment, workdir
 
 
