@@ -76,7 +76,7 @@ class SyntheticCxrConfig(tfds.core.BuilderConfig):
 class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest X-ray images with MIMIC-style reports and CheXpert-style labels."""
 
-    VERSION = tfds.core.Version("1.4.0")
+    VERSION = tfds.core.Version("1.5.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "1.1.0": "Records written as ArrayRecord, for reading by index.",
@@ -87,6 +87,9 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
         "1.4.0": "Aerated lung drawn less dark, so that a pneumothorax's lucent rim stands "
                  "out; pneumothorax a little more common (12% -> 15% of pathology draws); "
                  "lung opacity denser; consolidations larger.",
+        "1.5.0": "`regions`: where each localised finding (pleural effusion, pneumothorax, "
+                 "consolidation, lung opacity) lies in the image, for grounding evaluation. "
+                 "Images, reports and labels are the same bytes as 1.4.0's.",
     }
     BUILDER_CONFIGS = [SyntheticCxrConfig()]
 
@@ -104,8 +107,8 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
             description=(
                 "Synthetic chest X-rays (PA/AP/lateral) with drawn findings, MIMIC-style "
                 "FINDINGS/IMPRESSION reports written from them, and CheXpert-style labels "
-                "(1 positive, 0 negative, -1 uncertain, NaN not mentioned). One record per "
-                "image."),
+                "(1 positive, 0 negative, -1 uncertain, NaN not mentioned), and a map of "
+                "where each localised finding lies. One record per image."),
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
                                              encoding_format="png"),
@@ -116,6 +119,9 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
                 "findings": tfds.features.Text(),
                 "impression": tfds.features.Text(),
                 "labels": tfds.features.Tensor(shape=(NUM_FINDINGS,), dtype=np.float32),
+                # Bit k of a pixel: LOCALISED_FINDINGS[k] lies there (the image's size).
+                "regions": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                                               encoding_format="png"),
             }),
             homepage="https://github.com/jaxmedclip/jaxmedclip",
         )

@@ -11,6 +11,11 @@ random exposure, contrast and gamma, and given Gaussian noise. Findings are draw
 enough to survive a 64x64 downsample; their size varies, and the report's size words
 follow the drawn size.
 
+Each image comes with a region map (`Study.regions`): bit k of a pixel is set where
+`LOCALISED_FINDINGS[k]` is drawn there (its visible part, above half strength; the
+heart and mediastinum drawn over it are left out), for grounding evaluation. Computing
+it draws no random numbers: the images are the same with and without it.
+
 Reports are written from the drawn findings. Every sentence carries the labels it
 implies, and a study's labels merge them CheXpert-style (positive beats uncertain beats
 negative): 1.0 asserted, -1.0 uncertain ("possible", "cannot be excluded", ...), 0.0
@@ -31,6 +36,7 @@ import numpy as np
 from input_pipeline.findings import CHEXPERT_FINDINGS, FINDING_INDEX
 from input_pipeline.images import encode_png
 from input_pipeline.reports import parse_report
+from jaxmedclip.vocabulary import LOCALISED_FINDINGS
 
 SPLIT_CODES: dict[str, int] = {"train": 0, "validation": 1, "test": 2}
 MAX_STUDIES_PER_SPLIT = 3_000_000
@@ -77,10 +83,19 @@ class Study:
     labels: np.ndarray  # float32 [14] over CHEXPERT_FINDINGS: 1 / 0 / -1 / NaN.
     abnormalities: tuple[Abnormality, ...]  # Empty for normal studies.
     cardiothoracic_ratio: float  # Drawn heart width / thoracic width on the PA view.
+    # uint8 [S, S] per view: bit k set where LOCALISED_FINDINGS[k] lies (`region_masks`).
+    regions: tuple[np.ndarray, ...] = ()
 
     @property
     def is_normal(self) -> bool:
         return not self.abnormalities
+
+
+def region_masks(regions: np.ndarray) -> dict[str, np.ndarray]:
+    """A region map (uint8 [H, W], bit k = LOCALISED_FINDINGS[k]) -> finding -> bool
+    [H, W], for the findings whose region is not empty."""
+    masks = {name: (regions >> k) & 1 == 1 for k, name in enumerate(LOCALISED_FINDINGS)}
+    return {name: mask for name, mask in masks.items() if mask.any()}
 
 
 class ReportSections(NamedTuple):
@@ -119,13 +134,14 @@ def generate_study(seed: int, split: str, index: int, source_image_size: int = 1
         views = ("AP",) if rng.random() < (0.7 if has_devices else 0.25) else ("PA",)
     anatomy = _sample_anatomy(rng, abnormalities)
     report, labels = _write_report(rng, abnormalities, views)
-    images = tuple(
+    rendered = [
         _render(np.random.default_rng([seed, code, index, 1 + i]), view, anatomy,
                 abnormalities, source_image_size)
         for i, view in enumerate(views)
-    )
-    return Study(study_id, patient_id, views, images, report, labels, abnormalities,
-                 anatomy.cardiothoracic_ratio)
+    ]
+    return Study(study_id, patient_id, views, tuple(image for image, _ in rendered), report,
+                 labels, abnormalities, anatomy.cardiothoracic_ratio,
+                 tuple(regions for _, regions in rendered))
 
 
 class StudyRange(NamedTuple):
@@ -145,11 +161,12 @@ def study_records(studies: StudyRange) -> list[tuple[str, dict]]:
     for index in range(studies.start, studies.stop):
         study = generate_study(studies.seed, studies.split, index, studies.source_image_size)
         findings, impression = report_sections(study.report)
-        for view_index, (view, image) in enumerate(zip(study.views, study.images,
-                                                       strict=True)):
+        for view_index, (view, image, regions) in enumerate(
+                zip(study.views, study.images, study.regions, strict=True)):
             records.append((f"{study.study_id}_{view_index}", {
                 # Noisy images barely compress: the fastest level loses little.
                 "image": encode_png(image, compress_level=1),
+                "regions": encode_png(regions),
                 "view": view,
                 "study_id": study.study_id,
                 "patient_id": study.patient_id,
@@ -276,7 +293,9 @@ def _levels() -> np.ndarray:
     return np.linspace(0, 1, 4096, dtype=np.float32)
 
 
-def _render(rng, view: str, anatomy: _Anatomy, abnormalities, size: int) -> np.ndarray:
+def _render(rng, view: str, anatomy: _Anatomy, abnormalities, size: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 image [S, S], uint8 region map [S, S]: bit k = LOCALISED_FINDINGS[k])."""
     x0, y0 = _grid(size)
     angle = rng.normal(0, 0.035)
     scale = rng.uniform(0.9, 1.04)
@@ -286,7 +305,11 @@ def _render(rng, view: str, anatomy: _Anatomy, abnormalities, size: int) -> np.n
     y = (-(x0 - tx) * sin + (y0 - ty) * cos) / scale
     portable = view == "AP"
     draw = _draw_lateral if view == "LATERAL" else _draw_frontal
-    attenuation = draw(rng, x, y, anatomy, abnormalities, portable)
+    attenuation, masks = draw(rng, x, y, anatomy, abnormalities, portable)
+    regions = np.zeros((size, size), np.uint8)
+    for k, name in enumerate(LOCALISED_FINDINGS):
+        if name in masks:
+            regions |= (masks[name] > 0.5).astype(np.uint8) << k
 
     exposure = rng.uniform(0.85, 1.12) * (0.93 if portable else 1.0)
     offset = rng.uniform(-0.05, 0.06)
@@ -295,7 +318,7 @@ def _render(rng, view: str, anatomy: _Anatomy, abnormalities, size: int) -> np.n
     image = gamma_curve[level.astype(np.int32)]
     noise_level = rng.uniform(0.01, 0.03) * (1.5 if portable else 1.0)
     image += noise_level * rng.standard_normal(image.shape, dtype=np.float32)
-    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), regions
 
 
 def _find(abnormalities, label: str) -> Abnormality | None:
@@ -325,7 +348,9 @@ def _tilted_ellipse(x, y, cx, cy, half_width, aspect: float, tilt: float):
 
 
 def _draw_frontal(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
+    """(attenuation [S, S], finding -> soft mask [S, S] of its visible extent)."""
     size = x.shape[0]
+    masks = {}
     body = _inside(_ellipse(x, y, 0.0, 0.25, anatomy.body_half_width, 1.3, boxy=True), 0.08)
     a = 0.4 * body
     lift = 0.05 if portable else 0.0  # Portable films: shallower inspiration.
@@ -357,17 +382,21 @@ def _draw_frontal(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
         airspace = _find(abnormalities, label)
         if airspace:
             cx, cy = LOBES[airspace.lobe]
-            lung_value += _airspace_patch(x, y, cx, cy, airspace, coarse, fine)
+            patch, extent = _airspace_patch(x, y, cx, cy, airspace, coarse, fine)
+            lung_value += patch
+            masks[label] = extent * lung
     a = a * (1 - lung) + lung_value * lung
 
     effusion = _find(abnormalities, "Pleural Effusion")
     if effusion:  # Fluid fills the base; its meniscus climbs the lateral chest wall.
         depth = 0.1 + 0.38 * effusion.severity
+        masks["Pleural Effusion"] = np.zeros_like(a)
         for side in _sides(effusion.side):
             lateral = np.clip((side * x - 0.12) / 0.5, 0, 1)
             meniscus = domes[side] + 0.08 - depth - 0.5 * depth * lateral**2
             fluid = lungs[side] * _inside(meniscus - y, 0.05)
             a = a * (1 - fluid) + (0.48 + 0.05 * (y - meniscus)) * fluid
+            masks["Pleural Effusion"] = np.maximum(masks["Pleural Effusion"], fluid)
 
     pneumothorax = _find(abnormalities, "Pneumothorax")
     if pneumothorax:  # Lucent rim without markings around the collapsed lung's edge.
@@ -376,6 +405,7 @@ def _draw_frontal(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
         collapsed = _lung(x, y, side * (anatomy.lung_cx - 0.5 * rim), lung_cy + 0.8 * rim,
                           anatomy.lung_half_width - 0.9 * rim, lung_half_height - 1.2 * rim)
         lucent = lungs[side] * _inside(-collapsed, 0.02)
+        masks["Pneumothorax"] = lucent
         a = a * (1 - lucent)
         # The collapsed lung is denser than an aerated one; its edge is the pleural line.
         a += lungs[side] * (0.12 * pneumothorax.severity * (1 - lucent)
@@ -392,6 +422,7 @@ def _draw_frontal(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
     aortic_knob = _inside(_ellipse(x, y, 0.12, -0.33, 0.075, 0.065), 0.03)
     centre = np.maximum(np.maximum(heart, mediastinum), aortic_knob) * body
     a = a * (1 - centre) + 0.58 * centre
+    masks = {name: mask * (1 - centre) for name, mask in masks.items()}  # Hidden behind it.
     a -= 0.14 * _inside(np.maximum(np.abs(x) - 0.03, y + 0.3), 0.02)  # Trachea.
 
     spine = _inside(np.abs(x) - 0.065, 0.02) * body
@@ -410,12 +441,14 @@ def _draw_frontal(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
     devices = _find(abnormalities, "Support Devices")
     if devices:
         a = _draw_devices(x, y, a, devices.devices, _FRONTAL_DEVICE_PATHS, (0.55, -0.62))
-    return a
+    return a, masks
 
 
 def _draw_lateral(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
-    """Side view: anterior to the image left, spine to the image right."""
+    """Side view: anterior to the image left, spine to the image right. Returns what
+    `_draw_frontal` returns."""
     size = x.shape[0]
+    masks = {}
     body = _inside(_ellipse(x, y, 0.0, 0.2, 0.8, 1.25, boxy=True), 0.08)
     a = 0.44 * body
     fine = _smooth_noise(rng, size, 14)
@@ -435,7 +468,9 @@ def _draw_lateral(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
         airspace = _find(abnormalities, label)
         if airspace:
             cx, cy = _LATERAL_LOBES[airspace.lobe]
-            lung_value += _airspace_patch(x, y, cx, cy, airspace, coarse, fine)
+            patch, extent = _airspace_patch(x, y, cx, cy, airspace, coarse, fine)
+            lung_value += patch
+            masks[label] = extent * lung
     a = a * (1 - lung) + lung_value * lung
 
     effusion = _find(abnormalities, "Pleural Effusion")
@@ -443,6 +478,7 @@ def _draw_lateral(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
         depth = (0.1 + 0.38 * effusion.severity) * (1.2 if effusion.side == "bilateral" else 1)
         meniscus = dome + 0.12 - depth - 0.6 * depth * np.clip(x / 0.5, 0, 1) ** 2
         fluid = lung * _inside(meniscus - y, 0.05)
+        masks["Pleural Effusion"] = fluid
         a = a * (1 - fluid) + 0.52 * fluid
 
     pneumothorax = _find(abnormalities, "Pneumothorax")
@@ -450,6 +486,7 @@ def _draw_lateral(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
         rim = 0.15 + 0.2 * pneumothorax.severity
         collapsed = _ellipse(x, y, 0.03, -0.06 + rim, 0.52 - 0.4 * rim, 0.66 - rim)
         lucent = lung * _inside(-collapsed, 0.02)
+        masks["Pneumothorax"] = lucent
         a = a * (1 - lucent) + 0.04 * lucent
         a += 0.14 * lung * _inside(np.abs(collapsed) - 0.008, 0.01)
 
@@ -458,6 +495,7 @@ def _draw_lateral(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
     heart = _inside(_tilted_ellipse(x, y, -0.58 + half_width, dome - 0.1, half_width, 1.25,
                                     -0.5), 0.04) * body
     a = a * (1 - heart) + 0.6 * heart
+    masks = {name: mask * (1 - heart) for name, mask in masks.items()}
     a -= 0.16 * _polyline(x, y, [(0.0, -1.1), (0.08, -0.25)], 0.07)  # Trachea.
 
     spine = _inside(np.abs(x - 0.58) - 0.11, 0.02) * body
@@ -468,7 +506,7 @@ def _draw_lateral(rng, x, y, anatomy: _Anatomy, abnormalities, portable: bool):
     devices = _find(abnormalities, "Support Devices")
     if devices:
         a = _draw_devices(x, y, a, devices.devices, _LATERAL_DEVICE_PATHS, (-0.62, -0.5))
-    return a
+    return a, masks
 
 
 _LATERAL_LOBES = {  # Lateral-view centre (x, y) of each LOBES region; both sides overlap.
@@ -483,16 +521,19 @@ def _sides(side: str) -> tuple[int, ...]:
 
 
 def _airspace_patch(x, y, cx, cy, airspace: Abnormality, coarse, fine):
-    """Airspace density. Consolidation: dense, sharply marginated, lobar. Lung opacity:
-    faint, wide, ill-defined haze (ground glass) that leaves the markings visible."""
+    """(airspace density, its extent in [0, 1]). Consolidation: dense, sharply
+    marginated, lobar. Lung opacity: faint, wide, ill-defined haze (ground glass) that
+    leaves the markings visible; its extent is the Gaussian's profile (> 0.5: within
+    the half maximum)."""
     if airspace.label == "Lung Opacity":
         radius = 0.22 + 0.16 * airspace.severity
         blob = np.exp(-(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2))
-        return (0.26 + 0.14 * airspace.severity) * blob * (0.8 + 0.3 * coarse)
+        return (0.26 + 0.14 * airspace.severity) * blob * (0.8 + 0.3 * coarse), blob
     radius = 0.16 + 0.13 * airspace.severity
     edge = np.sqrt(((x - cx) / radius) ** 2 + ((y - cy) / (0.85 * radius)) ** 2) - 1
     blob = _inside(edge + 0.15 * coarse, 0.12)
-    return (0.35 + 0.2 * airspace.severity) * blob * (0.85 + 0.1 * coarse + 0.1 * fine)
+    return ((0.35 + 0.2 * airspace.severity) * blob * (0.85 + 0.1 * coarse + 0.1 * fine),
+            blob)
 
 
 _FRONTAL_DEVICE_PATHS = {

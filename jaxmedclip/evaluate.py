@@ -5,7 +5,11 @@
 
 Restores `<workdir>/checkpoints/<STEP>` (default: the latest) and writes
 `<workdir>/eval/<STEP>/report.json`, ROC curves as PNG beside it, TensorBoard scalars
-under `<workdir>/tensorboard/eval_<split>`, and a summary table on the console.
+under `<workdir>/tensorboard/eval_<split>`, and a summary table on the console. With
+`eval.drafting` (default), report drafting is scored too, from the training sentences'
+index under `<workdir>/draft_index/<STEP>/` (built on first use: jaxmedclip.draft_report).
+With `eval.grounding` (default), phrase grounding where the split's records mark the
+findings' regions (synthetic_cxr >= 1.5.0; `evaluation.grounding`).
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def restore_params(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the evaluation; returns the report (also written as report.json)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    training.console_logging(sys.stdout)
     own, args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.config_from_flags(args.config, overrides)
@@ -136,6 +140,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         builder, tokenizer = training.prepare_data(config.data)
     except training.DataError as e:
         raise SystemExit(f"error: {e}") from None
+    embedder = evaluation.embed.Embedder(setup.model, setup.mesh, setup.rules)
+    draft_index = None
+    if cfg.drafting and cfg.zero_shot_findings:
+        from jaxmedclip import draft_report
+
+        if jax.process_count() > 1:
+            log.info("report drafting skipped: it reads the report texts, which only a "
+                     "single process does")
+        else:
+            try:
+                draft_index = draft_report.model_index(
+                    config, builder, tokenizer, embedder, params, args.workdir, step
+                )
+            except draft_report.EmptyIndexError as e:
+                log.info("report drafting skipped: %s", e)
     log.info("evaluating step %d of %s on %r", step, args.workdir, split)
     result = evaluation.build_report(
         config,
@@ -146,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tokenizer,
         split=split,
         run_linear_probe=cfg.linear_probe,
+        run_grounding=cfg.grounding,
         step=step,
+        embedder=embedder,
+        draft_index=draft_index,
     )
     if jax.process_index() == 0:
         directory = report_lib.report_dir(args.workdir, step)

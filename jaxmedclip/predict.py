@@ -48,7 +48,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from jaxmedclip import config_lib, evaluate, evaluation, parallel
+from jaxmedclip import config_lib, evaluate, evaluation, parallel, training
 from jaxmedclip.evaluation import embed
 from jaxmedclip.evaluation import report as report_lib
 from jaxmedclip.evaluation.prompts import slug
@@ -442,13 +442,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> Predictions:
     """Writes the predictions CSV; returns the predictions."""
-    # Our own handler, as in jaxmedclip.train: tensorflow configures the root logger.
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    package_log = logging.getLogger("jaxmedclip")
-    package_log.handlers[:] = [handler]
-    package_log.setLevel(logging.INFO)
-    package_log.propagate = False
+    training.console_logging(sys.stdout)
     args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.config_from_flags(args.config, overrides)

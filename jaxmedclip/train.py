@@ -10,7 +10,6 @@ built; `training.train` completes the setup with the tokenizer.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -55,13 +54,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> training.TrainResult | None:
     """Trains as the flags say; returns what `training.train` returns (None for
     `--compile_only`)."""
-    # Our own handler: absl/tensorflow configure the root logger at WARNING when imported.
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    package_log = logging.getLogger("jaxmedclip")
-    package_log.handlers[:] = [handler]
-    package_log.setLevel(logging.INFO)
-    package_log.propagate = False
+    training.console_logging(sys.stdout)
     args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.config_from_flags(args.config, overrides)

@@ -42,5 +42,14 @@ SYNTHETIC_FINDINGS: tuple[str, ...] = (
     "Support Devices",
 )
 
+# The synthetic findings drawn in one place of the image, whose regions the generator
+# records (bit k of a region map = LOCALISED_FINDINGS[k]) for grounding evaluation.
+LOCALISED_FINDINGS: tuple[str, ...] = (
+    "Pleural Effusion",
+    "Pneumothorax",
+    "Consolidation",
+    "Lung Opacity",
+)
+
 FINDING_INDEX: dict[str, int] = {name: i for i, name in enumerate(CHEXPERT_FINDINGS)}
 NO_FINDING_INDEX = FINDING_INDEX["No Finding"]

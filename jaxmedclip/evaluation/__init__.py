@@ -22,7 +22,9 @@ import numpy as np
 
 from jaxmedclip import parallel
 from jaxmedclip.evaluation import (
+    drafting,
     embed,
+    grounding,
     linear_probe,
     metrics,
     prompts,
@@ -30,7 +32,7 @@ from jaxmedclip.evaluation import (
     retrieval,
     zero_shot,
 )
-from jaxmedclip.vocabulary import FINDING_INDEX, SYNTHETIC_FINDINGS
+from jaxmedclip.vocabulary import FINDING_INDEX, LOCALISED_FINDINGS, SYNTHETIC_FINDINGS
 
 # CheXpert 5x200 uses Atelectasis, which the synthetic data never draws: Pneumothorax
 # takes its place.
@@ -64,6 +66,19 @@ def default_config() -> ml_collections.ConfigDict:
             probe_regularization=1.0,  # scikit-learn's C.
             probe_max_iter=1000,
             roc_curves=True,
+            # Phrase grounding (evaluation.grounding) in `python -m jaxmedclip.evaluate`,
+            # where the split's records mark the findings' regions (synthetic_cxr >= 1.5.0).
+            grounding=True,
+            grounding_findings=LOCALISED_FINDINGS,
+            # Report drafting by sentence retrieval (evaluation.drafting), in `python -m
+            # jaxmedclip.evaluate`: label F1 of drafts against the reference reports.
+            drafting=True,
+            # k and the thresholds: the best macro F1 on the Quickstart model's validation
+            # split (docs/applications.md).
+            draft_k=3,  # Sentences per draft.
+            draft_max_similarity=0.85,  # Skip a candidate this close (cosine) to a taken one.
+            draft_distinct_findings=False,  # Skip a candidate stating a finding already stated.
+            draft_candidates=256,  # The best N sentences of each image are considered.
             prompts=prompts.default_prompt_config(),
         )
     )
@@ -247,11 +262,16 @@ def build_report(
     run_linear_probe: bool,
     step: int | None = None,
     embedder: embed.Embedder | None = None,
+    run_grounding: bool = False,
+    draft_index: drafting.SentenceIndex | None = None,
 ) -> EvalResult:
     """Embeds `split` (and the threshold / probe-training splits) and runs the evaluators.
 
     Pass the same `embedder` (an `embed.Embedder` of this model and mesh) to repeated calls
-    to reuse its compiled functions.
+    to reuse its compiled functions. With `draft_index` (the training sentences embedded
+    by this model: `jaxmedclip.draft_report.model_index`), report drafting is scored too.
+    With `run_grounding`, phrase grounding (`grounding.grounding_report`) where the
+    split's records mark the findings' regions.
     """
     cfg = eval_config(config)
     try:
@@ -297,6 +317,18 @@ def build_report(
     out["retrieval"] = retrieval.retrieval_report(
         target.image_emb, target.text_emb, target.text_keys(), tuple(cfg.retrieval_ks)
     )
+    if draft_index is not None:
+        if target.texts is None:
+            raise ValueError("report drafting needs the split's report texts, which only a "
+                             "single process reads")
+        out["drafting"] = drafting.drafting_report(
+            target.image_emb,
+            [t.decode("utf-8") for t in target.texts],
+            draft_index,
+            drafting.rule_from_config(cfg),
+            cfg.zero_shot_findings,
+            seed=cfg.seed,
+        )
     if run_linear_probe and cfg.zero_shot_findings:
         train = embed_split(
             cfg.probe_train_split, with_text=False, max_examples=cfg.probe_max_train_examples
@@ -322,6 +354,11 @@ def build_report(
                 for c, name in enumerate(findings)
                 if not np.isnan(scores[:, c]).any()
             }
+    if run_grounding:  # None where the split's records mark no regions.
+        result = grounding.grounding_report(cfg, config, model, params, mesh, builder,
+                                            tokenizer, split)
+        if result is not None:
+            out["grounding"] = result
     out["eval_config"] = cfg.to_dict()
     return EvalResult(out, curves)
 
@@ -393,7 +430,9 @@ __all__ = [
     "evaluate",
     "write_outputs",
     "zero_shot_head",
+    "drafting",
     "embed",
+    "grounding",
     "linear_probe",
     "metrics",
     "prompts",

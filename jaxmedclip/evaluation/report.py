@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxmedclip.evaluation import drafting, grounding
 from jaxmedclip.evaluation.prompts import slug
 
 
@@ -67,6 +68,10 @@ def flat_metrics(report: Mapping[str, Any], prefix: str = "eval/") -> dict[str, 
     if probe:
         for label, result in probe["fractions"].items():
             out[f"probe_mean_auc@{label}"] = result["mean_auc"]
+    if report.get("drafting"):
+        out.update(drafting.flat_metrics(report["drafting"]))
+    if report.get("grounding"):
+        out.update(grounding.flat_metrics(report["grounding"]))
     return {prefix + k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
@@ -136,6 +141,10 @@ def summary_table(report: Mapping[str, Any]) -> str:
                 f"{_fmt(result['mean_auc'])}"
                 + (f"; {len(result['skipped'])} findings not fit" if result["skipped"] else "")
             )
+    if report.get("drafting"):
+        lines += ["", *drafting.summary_lines(report["drafting"])]
+    if report.get("grounding"):
+        lines += ["", *grounding.summary_lines(report["grounding"])]
     return "\n".join(lines)
 
 

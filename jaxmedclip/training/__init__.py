@@ -17,6 +17,7 @@
 
 from jaxmedclip.training.gradcache import check_microbatch_size
 from jaxmedclip.training.loop import DataError, TrainResult, prepare_data, train
+from jaxmedclip.training.metrics import console_logging
 from jaxmedclip.training.objective import LocalTerm, Objective, multiview_enabled
 from jaxmedclip.training.resume import (
     WORKDIR_TOKENIZER,
@@ -58,6 +59,7 @@ __all__ = [
     "check_tokenizer_fits",
     "check_microbatch_size",
     "compile_report",
+    "console_logging",
     "create_train_state",
     "dummy_inputs",
     "init_from_pretrained",

@@ -19,6 +19,19 @@ from jaxmedclip.evaluation import report as report_lib
 log = logging.getLogger("jaxmedclip.train")
 
 
+def console_logging(stream: TextIO = sys.stdout) -> None:
+    """The package's log lines ("jaxmedclip.*", INFO and up) to `stream`, timestamped.
+
+    The entry points' own handler: absl and tensorflow configure the root logger at
+    WARNING when imported, so `logging.basicConfig` would do nothing."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    package_log = logging.getLogger("jaxmedclip")
+    package_log.handlers[:] = [handler]
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+
+
 class MetricsWriter:
     """Console lines, one JSON object per logged step in `<workdir>/metrics.jsonl`, and
     TensorBoard scalars under `<workdir>/tensorboard/train`. Only process 0 writes."""
