@@ -1,6 +1,7 @@
 import importlib.util
 import logging
 import os
+import time
 
 import pytest
 
@@ -40,14 +41,37 @@ def tiny_run(tmp_path_factory):
     (`test_evaluate_entry._experiment_file`), evaluated on validation at step 2 by the
     training loop (so `<workdir>/eval/2/validation/report.json` holds validation-chosen
     thresholds). Shared by the tests of what users do with a trained model (predict,
-    grounding, report drafting): read-only, copy it to write beside the checkpoint."""
+    grounding, report drafting): read-only, copy it to write beside the checkpoint.
+
+    Trained once per test session: under pytest-xdist the first worker that needs it
+    trains into the session's shared temporary folder while the others wait for it."""
     pytest.importorskip("input_pipeline.pipeline")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "tiny_run"  # Shared by the workers.
+    else:
+        root = tmp_path_factory.mktemp("tiny_run")
+    root.mkdir(exist_ok=True)
+    experiment, workdir = str(root / "tiny_eval.py"), str(root / "work")
+    done, failed = root / "done", root / "failed"
+    try:
+        os.close(os.open(root / "lock", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:  # Another worker trains it.
+        deadline = time.monotonic() + 600
+        while not (done.exists() or failed.exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not done.exists():
+            pytest.fail(f"the shared tiny run in {root} was not trained by another worker")
+        return experiment, workdir
     from test_evaluate_entry import _experiment_file
 
     from jaxmedclip import train
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    experiment = _experiment_file(root)
-    workdir = str(root / "work")
-    train.main(["--config", experiment, "--workdir", workdir, "--config.eval.every_steps=2"])
+    try:
+        assert _experiment_file(root) == experiment
+        train.main(["--config", experiment, "--workdir", workdir,
+                    "--config.eval.every_steps=2"])
+    except BaseException:
+        failed.touch()
+        raise
+    done.touch()
     return experiment, workdir
