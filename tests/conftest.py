@@ -22,17 +22,23 @@ if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
 
 
+def _reset_package_logger() -> None:
+    logger = logging.getLogger("jaxmedclip")
+    logger.handlers[:] = []
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+
+
 @pytest.fixture(autouse=True)
 def _restore_package_logger():
-    """`python -m jaxmedclip.train`'s `main` points the package logger at the stdout of its
-    process; tests that call `main` must not leave it pointing at a captured stream that
-    pytest has closed, or later tests' log records go nowhere."""
-    logger = logging.getLogger("jaxmedclip")
-    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    """`python -m jaxmedclip.train`'s `main` (and the other entry points') point the package
+    logger at the stdout of its process and stop its propagation; every test starts and
+    ends with the logger as Python leaves it (no handler, propagating to the root, where
+    pytest's caplog listens), also after a module or session fixture that called a
+    `main` (those run before this fixture)."""
+    _reset_package_logger()
     yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
+    _reset_package_logger()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmedclip import checkpointing, config_lib, flops, train, training
+from jaxmedclip import checkpointing, config_lib, evaluation, flops, train, training
 
 TINY = "experiments/tiny_synthetic.py:runlocal"
 
@@ -206,7 +206,7 @@ def test_best_checkpoint_is_kept_besides_the_last(data_dir, tmp_path, monkeypatc
         calls.append(step)
         return {f"{prefix}zero_shot_mean_auc": auc[step]}
 
-    monkeypatch.setattr(train.evaluation, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     config = _config(data_dir, "total_steps=8", "log_every=4", "eval.every_steps=2")
     config.checkpoint_keep = 1
     config.checkpoint_best_metric = "eval/zero_shot_mean_auc"
