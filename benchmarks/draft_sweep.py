@@ -35,18 +35,15 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     parser.add_argument("--top", type=int, default=15)
     args, overrides = parser.parse_known_args(argv)
 
-    from input_pipeline.tokenizer import Tokenizer
-    from jaxmedclip import config_lib, draft_report, evaluate, evaluation, export, training
+    from jaxmedclip import config_lib, draft_report, evaluation, predict, training
     from jaxmedclip.evaluation import drafting, embed
 
     config = config_lib.config_from_flags(args.config, [o.removeprefix("--config.")
                                                         for o in overrides])
     cfg = evaluation.eval_config(config)
     builder, _ = training.prepare_data(config.data)
-    tokenizer = Tokenizer(export.find_tokenizer(args.workdir, config),
-                          config.data.max_text_len)
-    setup = evaluate.model_setup(config)
-    params, step = evaluate.restore_params(setup, args.workdir, args.checkpoint)
+    model = predict.load_model(config, args.workdir, args.checkpoint)
+    setup, params, step, tokenizer = model.setup, model.params, model.step, model.tokenizer
     embedder = embed.Embedder(setup.model, setup.mesh, setup.rules)
     index = draft_report.model_index(config, builder, tokenizer, embedder, params,
                                      args.workdir, step)

@@ -114,7 +114,7 @@ def main(argv=None) -> None:
         ).strip()
     import jax
 
-    from jaxmedclip import evaluate, export, predict
+    from jaxmedclip import evaluate, predict
 
     config = config_lib.config_from_flags(args.config, overrides)
     with tempfile.TemporaryDirectory(prefix="predict_speed_") as scratch:
@@ -124,16 +124,12 @@ def main(argv=None) -> None:
               f"{time.perf_counter() - start:.1f} s", flush=True)
 
         start = time.perf_counter()
-        setup = evaluate.model_setup(config)
         if args.workdir:
-            from input_pipeline.tokenizer import Tokenizer
-
-            params, step = evaluate.restore_params(setup, args.workdir, args.checkpoint)
-            tokenizer = Tokenizer(
-                export.find_tokenizer(args.workdir, config), config.data.max_text_len
-            )
-            model = f"step {step} of {args.workdir}"
+            loaded = predict.load_model(config, args.workdir, args.checkpoint)
+            setup, params, tokenizer = loaded.setup, loaded.params, loaded.tokenizer
+            model = loaded.name
         else:
+            setup = evaluate.model_setup(config)
             params = fresh_params(setup, config.data)
             tokenizer = prompt_tokenizer(config, scratch)
             model = "a freshly initialised model"

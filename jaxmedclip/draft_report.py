@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from jaxmedclip import config_lib, evaluate, evaluation, parallel, training
+from jaxmedclip import config_lib, evaluation, parallel, predict, training
 from jaxmedclip.evaluation import drafting, embed
 
 log = logging.getLogger("jaxmedclip.draft_report")
@@ -300,27 +300,6 @@ def model_index(config: ml_collections.ConfigDict, builder, tokenizer,
                         lambda: read_reports(builder, config.data), embed_fn, mode)
 
 
-def embed_images(embedder: embed.Embedder, params, paths: Sequence[str],
-                 data_config: ml_collections.ConfigDict,
-                 batch_size: int) -> tuple[np.ndarray, list[str]]:
-    """(float32 [N, D] embeddings, NaN where unreadable; the reason per image, "" where
-    read) of image files, read and preprocessed as `python -m jaxmedclip.predict` does."""
-    from jaxmedclip import predict
-
-    errors: list[str] = []
-
-    def batches():
-        for batch in predict.image_batches(paths, data_config, batch_size):
-            errors.extend(e.decode("utf-8", "replace") for e in batch["error"])
-            yield {"image": batch["image"], "mask": batch["mask"]}
-
-    image_emb = embedder.embed_batches(params, batches(), with_text=False).image_emb
-    errors = errors[: len(paths)]  # The last batch's padding rows have no path.
-    out = np.full((len(paths), image_emb.shape[1]), np.nan, np.float32)
-    out[np.array([not e for e in errors], bool)] = image_emb
-    return out, errors
-
-
 class DraftRow(NamedTuple):
     """One image's draft (empty when the image could not be read)."""
 
@@ -444,20 +423,13 @@ def main(argv: Sequence[str] | None = None) -> list[DraftRow]:
         rule = drafting.rule_from_config(cfg, args.k)
         images = []
         if args.image:
-            from jaxmedclip import predict
-
             images = predict.images_from_paths(args.image).names
-        setup = evaluate.model_setup(config)
+        model = predict.load_model(config, args.workdir, args.checkpoint,
+                                   tokenizer_path=args.tokenizer)
+        setup, params, step, tokenizer = model.setup, model.params, model.step, model.tokenizer
         parallel.check_batch_size(cfg.batch_size, setup.mesh)
-        params, step = evaluate.restore_params(setup, args.workdir, args.checkpoint)
         from input_pipeline import pipeline
-        from input_pipeline.tokenizer import Tokenizer
-        from jaxmedclip import export
 
-        tokenizer_model = args.tokenizer or export.find_tokenizer(args.workdir, config)
-        if not os.path.isfile(tokenizer_model):
-            raise FileNotFoundError(f"--tokenizer {tokenizer_model} does not exist")
-        tokenizer = Tokenizer(tokenizer_model, config.data.max_text_len)
         builder = pipeline.build_dataset(config.data)
         embedder = embed.Embedder(setup.model, setup.mesh, setup.rules)
         index = model_index(config, builder, tokenizer, embedder, params, args.workdir, step,
@@ -466,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> list[DraftRow]:
         return []
     log.info("drafting %d images with step %d of %s (up to %d sentences each)",
              len(images), step, args.workdir, rule.k)
-    image_emb, errors = embed_images(
+    image_emb, errors = predict.embed_image_files(
         embedder, params, [os.path.abspath(p) for p in images], config.data, cfg.batch_size
     )
     rows = draft_images(images, image_emb, errors, index, rule)

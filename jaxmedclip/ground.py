@@ -44,44 +44,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxmedclip import config_lib, evaluate, evaluation, predict, training
+from jaxmedclip import config_lib, evaluation, predict, training
 from jaxmedclip.evaluation import grounding
 from jaxmedclip.evaluation import report as report_lib
 
 log = logging.getLogger("jaxmedclip.ground")
 
 BOX_COLUMNS = ("path", "label_text", "x", "y", "w", "h", "image_width", "image_height")
-
-
-class LoadedModel(NamedTuple):
-    config: object
-    setup: evaluate.ModelSetup
-    params: object
-    tokenizer: object
-    name: str
-
-
-def load_model(config, workdir: str | None, checkpoint: int | None, hf: str | None,
-               tokenizer_path: str | None = None) -> LoadedModel:
-    """The model as `python -m jaxmedclip.predict` loads it: a checkpoint of `workdir` (with
-    the tokenizer the run recorded) or an exported folder `hf`."""
-    setup = evaluate.model_setup(config)
-    if hf is not None:
-        if not os.path.isfile(os.path.join(hf, "config.json")):
-            raise FileNotFoundError(f"--hf {hf} holds no config.json: not an export")
-        params = predict.hf_params(setup, config, hf)
-        tokenizer = predict.FolderTokenizer(hf, config.data.max_text_len)
-        return LoadedModel(config, setup, params, tokenizer, hf)
-    params, step = evaluate.restore_params(setup, workdir, checkpoint)
-    from jaxmedclip import export  # Its tokenizer lookup; imports no tensorflow.
-
-    tokenizer_path = tokenizer_path or export.find_tokenizer(workdir, config)
-    if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"--tokenizer {tokenizer_path} does not exist")
-    from input_pipeline.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(tokenizer_path, config.data.max_text_len)
-    return LoadedModel(config, setup, params, tokenizer, f"step {step} of {workdir}")
 
 
 def model_input(pixels: np.ndarray, data_config) -> np.ndarray:
@@ -101,7 +70,8 @@ def read_model_input(path: str, data_config) -> tuple[np.ndarray | None, np.ndar
     return pixels, model_input(pixels, data_config), ""
 
 
-def phrase_maps(model: LoadedModel, images: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
+def phrase_maps(model: predict.LoadedModel, images: np.ndarray, phrases: Sequence[str]
+                ) -> np.ndarray:
     """float32 [N, S, S]: the map of phrases[n] over images[n] (model inputs [N, S, S, 1])."""
     cfg = evaluation.eval_config(model.config)
     grounder = grounding.grounder_for(model.config, model.setup.model, model.setup.mesh,
@@ -231,7 +201,7 @@ def box_mask(region: BoxRegion, pixels_shape: tuple[int, int], size: int) -> np.
     return out
 
 
-def box_metrics(model: LoadedModel, regions: Sequence[BoxRegion], images_root: str
+def box_metrics(model: predict.LoadedModel, regions: Sequence[BoxRegion], images_root: str
                 ) -> dict:
     """Pointing game, CNR and baselines per label of `regions` (`grounding.metrics_by_group`)
     plus `skipped`: the images that could not be read."""
@@ -330,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> dict | np.ndarray:
     try:
         config = config_lib.config_from_flags(args.config, overrides)
         regions = read_boxes(args.boxes, args.split) if args.boxes is not None else None
-        model = load_model(config, args.workdir, args.checkpoint, args.hf, args.tokenizer)
+        model = predict.load_model(config, args.workdir, args.checkpoint, args.hf,
+                                   args.tokenizer)
         if regions is not None:
             result = box_metrics(model, regions, args.images_root)
         else:

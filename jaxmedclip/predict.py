@@ -178,6 +178,42 @@ class Predictions(NamedTuple):
     errors: list[str]  # "" where the image was read.
 
 
+class LoadedModel(NamedTuple):
+    """A trained model as the user-facing entry points load it (`load_model`)."""
+
+    config: ml_collections.ConfigDict
+    setup: evaluate.ModelSetup
+    params: object
+    tokenizer: object  # `input_pipeline.tokenizer.Tokenizer` or `FolderTokenizer`.
+    name: str  # "step S of W" or the exported folder, for log lines.
+    step: int | None  # The checkpoint's step; None for an exported folder.
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str | None = None,
+               checkpoint: int | None = None, hf: str | None = None,
+               tokenizer_path: str | None = None) -> LoadedModel:
+    """Checkpoint `checkpoint` (default: the latest) of `workdir` with the tokenizer the
+    run recorded (or `tokenizer_path`), or the folder `hf` that `jaxmedclip.export` wrote;
+    no optimizer, no train step."""
+    setup = evaluate.model_setup(config)
+    if hf is not None:
+        if not os.path.isfile(os.path.join(hf, "config.json")):
+            raise FileNotFoundError(f"--hf {hf} holds no config.json: not an export")
+        params = hf_params(setup, config, hf)
+        tokenizer = FolderTokenizer(hf, config.data.max_text_len)
+        return LoadedModel(config, setup, params, tokenizer, hf, None)
+    params, step = evaluate.restore_params(setup, workdir, checkpoint)
+    from jaxmedclip import export  # Its tokenizer lookup; imports no tensorflow.
+
+    tokenizer_path = tokenizer_path or export.find_tokenizer(workdir, config)
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"--tokenizer {tokenizer_path} does not exist")
+    from input_pipeline.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path, config.data.max_text_len)
+    return LoadedModel(config, setup, params, tokenizer, f"step {step} of {workdir}", step)
+
+
 class Predictor:
     """A restored model with its zero-shot head, applied to image files in batches."""
 
@@ -203,32 +239,42 @@ class Predictor:
 
     def predict(self, paths: Sequence[str], *, progress: bool = True) -> Predictions:
         """Reads, embeds and scores every image of `paths`; unreadable ones get an error."""
-        from jaxmedclip.training.metrics import ProgressBar
-
-        errors: list[str] = []
-        bar = ProgressBar(0, -(-len(paths) // self.batch_size)) if progress else None
-
-        def batches():
-            for done, batch in enumerate(
-                image_batches(paths, self.config.data, self.batch_size), 1
-            ):
-                real = min(self.batch_size, len(paths) - len(errors))
-                errors.extend(e.decode("utf-8", "replace") for e in batch["error"][:real])
-                if bar is not None:
-                    bar.update(done)
-                yield {"image": batch["image"], "mask": batch["mask"]}
-
-        try:
-            embedded = self.embedder.embed_batches(self.params, batches(), with_text=False)
-        finally:
-            if bar is not None:
-                bar.clear()
+        image_emb, errors = embed_image_files(self.embedder, self.params, paths,
+                                              self.config.data, self.batch_size,
+                                              progress=progress)
         read = np.array([not e for e in errors], bool)
-        image_emb = np.full((len(paths), embedded.image_emb.shape[1]), np.nan, np.float32)
-        image_emb[read] = embedded.image_emb
         probabilities = np.full((len(paths), len(self.head.findings)), np.nan)
-        probabilities[read] = self.head.probabilities(embedded.image_emb)
+        probabilities[read] = self.head.probabilities(image_emb[read])
         return Predictions(image_emb, probabilities, errors)
+
+
+def embed_image_files(embedder: embed.Embedder, params, paths: Sequence[str],
+                      data_config: ml_collections.ConfigDict, batch_size: int, *,
+                      progress: bool = False) -> tuple[np.ndarray, list[str]]:
+    """(float32 [N, D] image embeddings, NaN where unreadable; the reason per image, ""
+    where read) of image files, read and preprocessed as evaluation does (`image_batches`)
+    and embedded in batches of `batch_size` over the embedder's mesh."""
+    from jaxmedclip.training.metrics import ProgressBar
+
+    errors: list[str] = []
+    bar = ProgressBar(0, -(-len(paths) // batch_size)) if progress else None
+
+    def batches():
+        for done, batch in enumerate(image_batches(paths, data_config, batch_size), 1):
+            real = min(batch_size, len(paths) - len(errors))  # Not the padding rows.
+            errors.extend(e.decode("utf-8", "replace") for e in batch["error"][:real])
+            if bar is not None:
+                bar.update(done)
+            yield {"image": batch["image"], "mask": batch["mask"]}
+
+    try:
+        embedded = embedder.embed_batches(params, batches(), with_text=False)
+    finally:
+        if bar is not None:
+            bar.clear()
+    image_emb = np.full((len(paths), embedded.image_emb.shape[1]), np.nan, np.float32)
+    image_emb[np.array([not e for e in errors], bool)] = embedded.image_emb
+    return image_emb, errors
 
 
 def find_report(workdir: str, step: int) -> str | None:
@@ -454,26 +500,12 @@ def main(argv: Sequence[str] | None = None) -> Predictions:
             raise ValueError(f"--manifest {args.manifest} lists no image")
         if args.report is not None and not os.path.isfile(args.report):
             raise FileNotFoundError(f"--report {args.report} does not exist")
-        setup = evaluate.model_setup(config)
-        if args.hf is not None:
-            if not os.path.isfile(os.path.join(args.hf, "config.json")):
-                raise FileNotFoundError(f"--hf {args.hf} holds no config.json: not an export")
-            params = hf_params(setup, config, args.hf)
-            tokenizer = FolderTokenizer(args.hf, config.data.max_text_len)
-            model, report = args.hf, args.report
-        else:
-            params, step = evaluate.restore_params(setup, args.workdir, args.checkpoint)
-            from jaxmedclip import export  # Its tokenizer lookup; imports no tensorflow.
-
-            tokenizer_model = args.tokenizer or export.find_tokenizer(args.workdir, config)
-            if not os.path.isfile(tokenizer_model):
-                raise FileNotFoundError(f"--tokenizer {tokenizer_model} does not exist")
-            from input_pipeline.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer(tokenizer_model, config.data.max_text_len)
-            model = f"step {step} of {args.workdir}"
-            report = args.report or find_report(args.workdir, step)
-        predictor = Predictor(config, setup, params, tokenizer)
+        model = load_model(config, args.workdir, args.checkpoint, args.hf, args.tokenizer)
+        step = model.step
+        report = args.report
+        if report is None and args.hf is None:
+            report = find_report(args.workdir, step)
+        predictor = Predictor(config, model.setup, model.params, model.tokenizer)
         thresholds = None if report is None else thresholds_from_report(report, predictor.head)
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -488,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> Predictions:
         log.info("%s: no yes/no columns", where)
     else:
         log.info("yes/no at the thresholds of %s", report)
-    log.info("predicting %d images with %s", len(images.paths), model)
+    log.info("predicting %d images with %s", len(images.paths), model.name)
     start = time.perf_counter()
     predictions = predictor.predict(images.paths)
     seconds = time.perf_counter() - start
