@@ -92,14 +92,15 @@ class Attention(nn.Module):
         q = project("query", inputs_q)
         k = project("key", inputs_kv)
         v = project("value", inputs_kv)
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=is_causal,
-            key_value_seq_lengths=kv_lengths,
-            implementation=self.implementation,
-        )
+        with jax.named_scope("dot_product_attention"):  # Profiles group attention by it.
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=is_causal,
+                key_value_seq_lengths=kv_lengths,
+                implementation=self.implementation,
+            )
         out_kernel = param(
             "out_kernel", (self.num_heads, head_dim, width), ("heads", "kv", "embed"), (0, 1), 2
         )

@@ -56,8 +56,9 @@ def apply_gradients(tx: optax.GradientTransformation, schedule: optax.Schedule,
                     state: TrainState, grads: Any, loss: jax.Array, metrics: dict
                     ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update of `state` by `grads`; the step's logged metrics."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):  # Profiles group the update by it.
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
