@@ -5,12 +5,13 @@
 
 Builds the mesh, model, optimizer and jitted train step exactly as `jaxmedclip.train`
 does, creates random batches of the config's shapes (images, token ids, labels) on the
-mesh, compiles, runs `--warmup` steps, then times `--steps` steps (one
-`block_until_ready` at the end, so dispatch overlaps compute as in training; the input
-pipeline is not included). Prints samples/s, step time, analytic TFLOPs per device
+mesh, compiles, runs `--warmup` steps, then times `--steps` steps with one
+`block_until_ready` at the end (dispatch overlaps compute as in training: the mean step
+time), then `--steps` more, each waited for (the median step time). The input pipeline
+is not included. Prints samples/s, step time, analytic TFLOPs per device
 (`jaxmedclip/flops.py`), MFU where the chip's peak is known and the peak device memory
-(the allocator's peak on GPU/TPU; on CPU the compiled programs' account); the last
-line is
+(the allocator's peak on GPU/TPU; on CPU the compiled programs' account); `--json FILE`
+appends the result as one JSON line. The last printed line is
 
   samples_per_s=<x> mfu=<y|na>
 
@@ -24,6 +25,7 @@ time / streamed time without prefetch>`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -43,6 +45,9 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--cpu_devices", type=int, default=None, help="fake CPU devices (sets XLA_FLAGS)"
     )
+    parser.add_argument("--json", default=None,
+                        help="append the result as one JSON line to this file")
+    parser.add_argument("--label", default="jax", help="the result's `impl` in the JSON line")
     args, rest = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -62,6 +67,8 @@ def random_host_batch(config, seed: int = 0) -> dict:
             value = rng.integers(1, config.data.vocab_size, spec.shape)
         elif name in ("study_id", "text_id", "text_id2"):
             value = np.arange(spec.shape[0])  # All distinct: no multi-positive pairs.
+        elif name in ("image", "image2") and np.issubdtype(spec.dtype, np.integer):
+            value = rng.integers(0, np.iinfo(spec.dtype).max, spec.shape, endpoint=True)
         elif spec.dtype == np.bool_:
             value = (
                 np.ones(spec.shape) if name in ("mask", "labels_present") else np.zeros(spec.shape)
@@ -85,6 +92,7 @@ def time_steps(config, args, *, from_host: bool, prefetch: bool = True) -> dict:
     `from_host`: every step takes the numpy batch (the host-to-device copies are timed,
     as in training); else the batch is on the devices before timing starts."""
     import jax
+    import numpy as np
 
     from jaxmedclip import training
 
@@ -111,13 +119,20 @@ def time_steps(config, args, *, from_host: bool, prefetch: bool = True) -> dict:
         state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / args.steps
+    synced = []  # Each step waited for: no overlap of dispatch with the previous step.
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        synced.append(time.perf_counter() - start)
     peak = None
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         peak = stats["peak_bytes_in_use"] / 1024**3
     else:  # CPU: the compiled programs' own account (training.compile_report).
         peak = training.compile_report(config, setup)["peak_gib_per_device"]
-    return {"setup": setup, "compile_s": compile_s, "step_s": step_s, "peak_gib": peak,
+    return {"setup": setup, "compile_s": compile_s, "step_s": step_s,
+            "median_step_s": float(np.median(synced)), "peak_gib": peak,
             "loss": float(metrics["loss"])}
 
 
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         "global_batch_size": config.global_batch_size,
         "compile_and_first_step_s": compile_s,
         "step_time_s": step_s,
+        "step_time_median_s": run["median_step_s"],
         "samples_per_s": config.global_batch_size / step_s,
         "tflops_per_device": tflops,
         "mfu": None if peak is None else tflops / peak,
@@ -179,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         last += (f" stream_overhead={result['stream_overhead']:.3f}"
                  f" prefetch_saving={result['prefetch_saving']:.3f}")
     print(last)
+    if args.json:
+        record = {"impl": args.label, "config": args.config, "overrides": overrides,
+                  "jax": jax.__version__, **result}
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
     return result
 
 

@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from input_pipeline.findings import CHEXPERT_FINDINGS
+from jaxmedclip import batch_schema
 from jaxmedclip.vocabulary import BOS_ID, EOS_ID, PAD_ID
 
 # Tokens of the second, uncut read of the texts that tells how much the cut left out.
@@ -97,17 +98,18 @@ def label_summary(labels: np.ndarray, present: np.ndarray) -> LabelSummary:
 
 def display_intensities(image: np.ndarray, image_mean: float, image_std: float
                         ) -> np.ndarray:
-    """A normalised image (float [S, S] or [S, S, 1], (x - mean) / std) -> uint8 [S, S]:
-    x, the [0, 1] intensity the pipeline decoded, clipped to [0, 1] and scaled to 0..255."""
-    image = np.asarray(image, np.float64)
-    x = image.reshape(image.shape[:2]) * image_std + image_mean
+    """A batch image ([S, S] or [S, S, 1]: normalised float, (x - mean) / std, or integer)
+    -> uint8 [S, S]: x, the [0, 1] intensity the pipeline decoded, clipped to [0, 1] and
+    scaled to 0..255."""
+    image = np.asarray(image)
+    x = batch_schema.intensities(image.reshape(image.shape[:2]), image_mean, image_std)
     return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def intensity_note(image: np.ndarray, image_mean: float, image_std: float) -> str:
     """The range of an image's [0, 1] intensities, and the share outside [0, 1] (which
     the display clips)."""
-    x = np.asarray(image, np.float64) * image_std + image_mean
+    x = batch_schema.intensities(image, image_mean, image_std)
     note = f"intensity {x.min():.2f} to {x.max():.2f}"
     clipped = float(np.mean((x < 0) | (x > 1)))
     return note + (f", {clipped:.0%} clipped" if clipped else "")

@@ -9,7 +9,9 @@ against it, and the training code can describe the batch it will be given
 
 Fields of every batch (b rows; S = `data.image_size`, L = `data.max_text_len`):
 
-  image           float32 [b, S, S, 1]  normalised: (x - data.image_mean) / data.image_std
+  image           float32 [b, S, S, 1]  normalised: (x - data.image_mean) / data.image_std;
+                  or, with data.image_dtype uint16 / uint8, round(x * 65535 / 255) of
+                  the [0, 1] intensities x, normalised on the device (models/vit.py)
   tokens          int32 [b, L]  BOS + pieces + EOS, 0-padded (input_pipeline/tokenizer.py)
   study_id        int32 [b]  non-negative hash of the study id: views of a study match
   text_id         int32 [b]  non-negative hash of the normalised text: equal texts match
@@ -52,7 +54,7 @@ def batch_fields(data_config: Mapping[str, Any], batch_size: int, *, train: bool
     input pipeline yields for `data_config` (see the module docstring)."""
     data_config = config_schema.filled("data", data_config)
     b, size, length = batch_size, data_config["image_size"], data_config["max_text_len"]
-    image = ((b, size, size, IMAGE_CHANNELS), np.dtype(np.float32))
+    image = ((b, size, size, IMAGE_CHANNELS), np.dtype(data_config["image_dtype"]))
     tokens = ((b, length), np.dtype(np.int32))
     row_int, row_bool = ((b,), np.dtype(np.int32)), ((b,), np.dtype(np.bool_))
     num_labels = len(CHEXPERT_FINDINGS)
@@ -99,3 +101,12 @@ def _shape(shape: Any) -> tuple[int | None, ...] | None:
     if getattr(shape, "rank", 0) is None:
         return None
     return tuple(None if d is None else int(d) for d in shape)
+
+
+def intensities(images: np.ndarray, image_mean: float, image_std: float) -> np.ndarray:
+    """Batch images, either kind (see `image` above) -> float64 [0, 1] intensities (a
+    normalised float image can fall outside [0, 1] where augmentation pushed it)."""
+    images = np.asarray(images)
+    if np.issubdtype(images.dtype, np.integer):
+        return images.astype(np.float64) / np.iinfo(images.dtype).max
+    return images.astype(np.float64) * image_std + image_mean

@@ -73,6 +73,11 @@ TOKENIZER_TYPES = ("unigram", "bpe", "char", "word")
 DEID_MODES = ("drop", "token")  # input_pipeline.reports.DEID_MODES
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+# What a rematerialised block saves for the backward pass (models/layers.REMAT_POLICIES);
+# "none": no rematerialisation.
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention", "save_dots_and_attention")
+PATCH_EMBEDS = ("dense", "conv")
+IMAGE_DTYPES = ("float32", "uint16", "uint8")
 IMAGE_POOLS = ("cls", "mean", "map")
 TEXT_VARIANTS = ("causal", "bidirectional")
 TEXT_POOLS = (None, "eos", "first", "last")  # None: the variant's own.
@@ -169,6 +174,10 @@ FIELDS: dict[str, Any] = dict(
         image_size=_f(REQUIRED, INT),
         image_mean=_f(0.5, FLOAT),
         image_std=_f(0.25, FLOAT),
+        # The type images cross to the devices in: float32, normalised on the host; or
+        # uint16 / uint8, [0, 1] intensities scaled to the type's range and normalised on
+        # the device (2x / 4x fewer bytes; uint16 keeps 16-bit sources' precision).
+        image_dtype=_f("float32", choices=IMAGE_DTYPES),
         text=_f("report", choices=TEXT_SOURCES),
         max_sentences=_f(None, INT),
         num_sentences=_f(None, INT),
@@ -189,8 +198,15 @@ FIELDS: dict[str, Any] = dict(
         dtype=_f("float32", choices=DTYPES),
         param_dtype=_f("float32", choices=DTYPES),
         remat=_f(False),
+        # What rematerialised blocks save; None: `remat` decides ("full" or "none").
+        remat_policy=_f(None, STR, choices=REMAT_POLICIES),
         scan_layers=_f(False),
+        scan_unroll=_f(1),  # Blocks per iteration of the scanned loop (scan_layers).
         attention_impl=_f(None, STR, choices=ATTENTION_IMPLS),
+        # Sequence lengths are padded to a multiple of this inside attention (the true
+        # lengths passed to the kernel); None: 2 with cudnn (it refuses odd lengths in
+        # training), else 1.
+        attention_pad_multiple=_f(None, INT),
         temperature_init=_f(1 / 0.07, FLOAT),
         max_scale=_f(100.0, FLOAT),
         bias_init=_f(-10.0, FLOAT),
@@ -198,7 +214,7 @@ FIELDS: dict[str, Any] = dict(
         local_dim=_f(None, INT),  # The GLoRIA local projection; None: off.
         image=_tower(name=_f("vit", choices=("vit",)), patch_size=_f(REQUIRED, INT),
                      pool=_f("cls", choices=IMAGE_POOLS), num_channels=_f(1),
-                     pre_norm=_f(False)),
+                     pre_norm=_f(False), patch_embed=_f("dense", choices=PATCH_EMBEDS)),
         text=_tower(name=_f("transformer", choices=("transformer",)),
                     variant=_f("causal", choices=TEXT_VARIANTS),
                     pool=_f(None, STR, choices=TEXT_POOLS),

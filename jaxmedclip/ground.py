@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxmedclip import config_lib, evaluation, predict, training
+from jaxmedclip import batch_schema, config_lib, evaluation, predict, training
 from jaxmedclip.evaluation import grounding
 from jaxmedclip.evaluation import report as report_lib
 
@@ -86,7 +86,8 @@ def phrase_maps(model: predict.LoadedModel, images: np.ndarray, phrases: Sequenc
 
 def display_image(model_image: np.ndarray, data_config) -> np.ndarray:
     """A model input [S, S, 1] back in [0, 1] intensities, for display."""
-    image = model_image[..., 0] * data_config.image_std + data_config.image_mean
+    image = batch_schema.intensities(model_image[..., 0], data_config.image_mean,
+                                     data_config.image_std)
     return np.clip(image, 0.0, 1.0)
 
 

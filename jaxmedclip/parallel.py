@@ -7,8 +7,9 @@ in the config (and, for unusual layouts, `config.logical_axis_rules`), not the m
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -122,6 +123,25 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
             continue
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def prefetch_to_device(host_batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+                       depth: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """`host_to_global` of each batch, issued `depth` batches ahead of the one yielded.
+
+    The copies are asynchronous: while the step on batch k runs, batches k + 1 .. k + depth
+    are already on their way to the devices (or there), so a step never waits for its
+    input's transfer when the host keeps up.
+    """
+    if depth < 1:
+        raise ValueError(f"prefetch depth must be >= 1; got {depth}")
+    queue: collections.deque = collections.deque()
+    for batch in host_batches:
+        queue.append(host_to_global(batch, mesh))
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def initialize_distributed(

@@ -20,6 +20,7 @@ from input_pipeline.findings import NUM_FINDINGS
 from input_pipeline.stages import pixels
 from input_pipeline.stages import text as text_stage
 from input_pipeline.stages.source import EpochOrder
+from jaxmedclip import batch_schema
 
 SIZES = dict(num_train=32, num_validation=8, num_test=8)
 
@@ -163,6 +164,32 @@ def test_batch_keys_shapes_and_dtypes(prepared, config):
     evaluation = eval_batches(config, builder, tok, global_batch_size=8)[0]
     assert set(evaluation) == set(expected) | {"text", "view"}
     assert evaluation["text"].shape == (8,) and evaluation["text"].dtype == object
+
+
+@pytest.mark.parametrize("image_dtype, top", [("uint16", 65535), ("uint8", 255)])
+def test_integer_images_carry_the_float_batches_intensities(prepared, config, image_dtype,
+                                                             top):
+    """data.image_dtype: the same batches (augmented training ones too) with the images as
+    scaled integers, which the model normalises on the device."""
+    builder, tok = prepared
+    augment = dict(crop_scale=(0.7, 1.0), rotation_degrees=5.0, brightness=0.1, gamma=0.1)
+    config = data_config(config.data_dir, augment=augment)
+    as_int = data_config(config.data_dir, augment=augment, image_dtype=image_dtype)
+
+    def first(cfg, train):
+        dataset = pipeline.make_dataset(cfg, builder, tok, "train", global_batch_size=8,
+                                        train=train, seed=0, process_index=0, process_count=1)
+        return next(dataset.as_numpy_iterator())
+
+    for train in (True, False):
+        want, got = first(config, train), first(as_int, train)
+        assert got["image"].dtype == np.dtype(image_dtype)
+        assert batch_schema.batch_fields(as_int, 8)["image"][1] == np.dtype(image_dtype)
+        mean, std = config.image_mean, config.image_std
+        np.testing.assert_allclose(batch_schema.intensities(got["image"], mean, std),
+                                   batch_schema.intensities(want["image"], mean, std),
+                                   atol=0.5 / top + 1e-6)
+        np.testing.assert_array_equal(got["tokens"], want["tokens"])
 
 
 def test_values_follow_the_spec(prepared, config, studies):

@@ -119,3 +119,24 @@ def test_optim_recipes_under_jit_on_an_fsdp_mesh():
     # Parameters keep their fsdp sharding through the multi-transform update.
     kernel = state.params["text_tower"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.spec[0] == "fsdp"
+
+
+def test_batches_are_prefetched_to_the_devices_in_order(config):
+    mesh = parallel.make_mesh(config.mesh, jax.devices())
+    pulled = []
+
+    def host_batches():
+        for seed in range(5):
+            pulled.append(seed)
+            yield _batch(config, seed)
+
+    batches = parallel.prefetch_to_device(host_batches(), mesh, depth=2)
+    for seed in range(5):
+        batch = next(batches)
+        # The two batches after the one yielded are already on their way (or all there).
+        assert pulled == list(range(min(seed + 3, 5)))
+        assert batch["image"].sharding == parallel.batch_sharding(mesh)
+        np.testing.assert_array_equal(batch["image"], _batch(config, seed)["image"])
+    assert next(batches, None) is None
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        next(parallel.prefetch_to_device(host_batches(), mesh, depth=0))

@@ -93,6 +93,16 @@ def normalize(images: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.T
     return (images - data_config.image_mean) / data_config.image_std
 
 
+def to_batch_images(images: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.Tensor:
+    """[0, 1] intensities -> the batch's `image` (jaxmedclip/batch_schema.py): normalised
+    float32, or scaled to `data.image_dtype`'s integer range for the device to normalise."""
+    dtype = data_config.get("image_dtype", "float32")
+    if dtype == "float32":
+        return normalize(images, data_config)
+    top = {"uint16": 65535.0, "uint8": 255.0}[dtype]
+    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * top), dtype)
+
+
 def image_preprocess(encoded_png: tf.Tensor, data_config: ml_collections.ConfigDict
                      ) -> tf.Tensor:
     """PNG bytes -> normalised float32 [S, S, 1]: one image as evaluation reads it."""
@@ -146,9 +156,9 @@ class PixelStage:
         return tf.cond(keep, load, lambda: tf.zeros([self.size, self.size, 1], tf.float32))
 
     def finish(self, images: tf.Tensor, positions: tf.Tensor, stream: int) -> tf.Tensor:
-        """Decoded images [b, S, S, 1] -> augmented (training) and normalised."""
+        """Decoded images [b, S, S, 1] -> augmented (training), as the batch holds them."""
         if self.warp_from_source:  # The geometric part is done (decode).
             images = photometric(images, positions, self.seed, self.augment, stream=stream)
         elif self.train:
             images = augment_images(images, positions, self.seed, self.augment, stream=stream)
-        return normalize(images, self.data_config)
+        return to_batch_images(images, self.data_config)

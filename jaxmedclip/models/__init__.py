@@ -14,9 +14,17 @@ from jaxmedclip.vocabulary import EOS_ID, PAD_ID
 IMAGE_TOWERS = {"vit": ViT}
 TEXT_TOWERS = {"transformer": TextTransformer}
 MODELS = {"two_tower": TwoTower}
+data_defaults = config_schema.FIELDS["data"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 __all__ = ["build_model", "TwoTower", "ViT", "TextTransformer", "l2_normalize"]
+
+
+def remat_policy_of(model_config: ml_collections.ConfigDict) -> str:
+    """`model.remat_policy`, or what `model.remat` implies when it is None."""
+    if model_config.get("remat_policy") is not None:
+        return model_config.remat_policy
+    return "full" if model_config.remat else "none"
 
 
 def build_model(
@@ -57,12 +65,21 @@ def build_model(
                 f"model.{tower}.width={cfg.width} is not divisible by "
                 f"model.{tower}.num_heads={cfg.num_heads}"
             )
+    if model_config.scan_unroll < 1:
+        raise ValueError(f"model.scan_unroll must be >= 1; got {model_config.scan_unroll}")
+    pad_multiple = model_config.attention_pad_multiple
+    if pad_multiple is not None and pad_multiple < 1:
+        raise ValueError(f"model.attention_pad_multiple must be >= 1 or None; got {pad_multiple}")
+    remat_policy = remat_policy_of(model_config)
     common = dict(
         dtype=dtype,
         param_dtype=param_dtype,
-        remat=model_config.remat,
+        remat=remat_policy != "none",
+        remat_policy="full" if remat_policy == "none" else remat_policy,
         scan_layers=model_config.scan_layers,
+        scan_unroll=model_config.scan_unroll,
         attention_impl=attention_impl,
+        attention_pad_multiple=pad_multiple,
     )
     image_tower = IMAGE_TOWERS[image_cfg.name](
         patch_size=patch,
@@ -73,6 +90,9 @@ def build_model(
         pool=image_cfg.pool,
         num_channels=image_cfg.num_channels,
         pre_norm=image_cfg.pre_norm,
+        patch_embed=image_cfg.patch_embed,
+        image_mean=data_config.get("image_mean", data_defaults["image_mean"].default),
+        image_std=data_config.get("image_std", data_defaults["image_std"].default),
         **common,
     )
     text_tower = TEXT_TOWERS[text_cfg.name](

@@ -43,6 +43,9 @@ class TextTransformer(nn.Module):
     pool: str | None = None
     layout: str = "pre_ln"
     attention_impl: str | None = None
+    attention_pad_multiple: int | None = None
+    remat_policy: str = "full"
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,6 +88,9 @@ class TextTransformer(nn.Module):
             post_norm=bert,
             causal=self.variant == "causal",
             attention_impl=self.attention_impl,
+            attention_pad_multiple=self.attention_pad_multiple,
+            remat_policy=self.remat_policy,
+            scan_unroll=self.scan_unroll,
             name="encoder",
         )(x, lengths)
         pool = self.pool or ("eos" if self.variant == "causal" else "first")

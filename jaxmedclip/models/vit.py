@@ -10,6 +10,62 @@ from jaxmedclip import config_schema
 from jaxmedclip.models.layers import Attention, Dtype, Encoder, Mlp, embed_init, layer_norm, logical
 
 POOLS = config_schema.IMAGE_POOLS
+PATCH_EMBEDS = config_schema.PATCH_EMBEDS
+
+
+def normalize_pixels(images: jax.Array, mean: float, std: float, dtype: Dtype) -> jax.Array:
+    """Images as they cross to the device -> the model's input scale.
+
+    Integer images (uint8 / uint16: [0, 1] intensities scaled to the type's range, see
+    `data.image_dtype`) are normalised here, (x - mean) / std; float images arrive
+    normalised by the input pipeline and pass unchanged.
+    """
+    if not jnp.issubdtype(images.dtype, jnp.integer):
+        return images.astype(dtype)
+    scale = 1.0 / (jnp.iinfo(images.dtype).max * std)
+    return (images.astype(jnp.float32) * scale - mean / std).astype(dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> [batch, h / p, w / p, width].
+
+    "conv": a strided convolution. "dense": the same function as a reshape and one matmul
+    over the p * p * channels values of each patch (one-channel convolutions map poorly
+    onto GPU kernels). Both hold the convolution's parameters (kernel [p, p, c, width]),
+    so checkpoints and exports do not depend on the choice.
+    """
+
+    patch_size: int
+    width: int
+    implementation: str = "dense"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p, channels = self.patch_size, images.shape[-1]
+        kernel = self.param(
+            "kernel",
+            logical(nn.initializers.lecun_normal(),
+                    ("conv_height", "conv_width", "channels", "embed")),
+            (p, p, channels, self.width),
+            self.param_dtype,
+        )
+        bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (self.width,),
+                          self.param_dtype)
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        if self.implementation == "conv":
+            x = jax.lax.conv_general_dilated(
+                images, kernel, (p, p), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return x + bias
+        if self.implementation != "dense":
+            raise ValueError(f"model.image.patch_embed={self.implementation!r} is unknown; "
+                             f"choose one of {PATCH_EMBEDS}")
+        batch, height, width, _ = images.shape
+        gh, gw = height // p, width // p
+        patches = images.reshape(batch, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, gh, gw, p * p * channels)
+        return patches @ kernel.reshape(p * p * channels, self.width) + bias
 
 
 class AttentionPool(nn.Module):
@@ -36,6 +92,9 @@ class AttentionPool(nn.Module):
 class ViT(nn.Module):
     """Patchify -> (class token) -> learned positions -> transformer -> pooled vector.
 
+    Images are float (normalised) or integer (normalised here with `image_mean` /
+    `image_std`: `normalize_pixels`).
+
     `pre_norm` adds a LayerNorm between the embeddings and the first block (CLIP's
     `pre_layrnorm`; needed to export as a Hugging Face CLIP vision tower).
     Returns `(pooled [batch, width], patch_tokens [batch, num_patches, width])`.
@@ -54,6 +113,12 @@ class ViT(nn.Module):
     scan_layers: bool = False
     pre_norm: bool = False
     attention_impl: str | None = None
+    attention_pad_multiple: int | None = None
+    remat_policy: str = "full"
+    scan_unroll: int = 1
+    patch_embed: str = "dense"
+    image_mean: float = 0.0
+    image_std: float = 1.0
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -61,20 +126,12 @@ class ViT(nn.Module):
             raise ValueError(
                 f"images must be [batch, height, width, {self.num_channels}]; got {images.shape}"
             )
-        p = self.patch_size
-        x = nn.Conv(
-            self.width,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=logical(
-                nn.initializers.lecun_normal(), ("conv_height", "conv_width", "channels", "embed")
-            ),
-            bias_init=logical(nn.initializers.zeros, ("embed",)),
-            name="patch_embed",
-        )(images.astype(self.dtype))
+        if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+            raise ValueError(f"image size {images.shape[1:3]} is not divisible by the patch "
+                             f"size {self.patch_size}")
+        images = normalize_pixels(images, self.image_mean, self.image_std, self.dtype)
+        x = PatchEmbed(self.patch_size, self.width, self.patch_embed, self.dtype,
+                       self.param_dtype, name="patch_embed")(images)
         batch, gh, gw, _ = x.shape
         x = x.reshape(batch, gh * gw, self.width)
         if self.pool == "cls":
@@ -105,6 +162,9 @@ class ViT(nn.Module):
             self.remat,
             self.scan_layers,
             attention_impl=self.attention_impl,
+            attention_pad_multiple=self.attention_pad_multiple,
+            remat_policy=self.remat_policy,
+            scan_unroll=self.scan_unroll,
             name="encoder",
         )(x)
         if self.pool == "cls":

@@ -29,6 +29,8 @@ from jaxmedclip.training.stream import StepInterrupted
 
 log = logging.getLogger("jaxmedclip.train")
 
+DEVICE_PREFETCH = 2  # Batches on their way to the devices while a step runs.
+
 
 class DataError(ValueError):
     """The data could not be prepared (built, read or tokenized): bad input that the
@@ -161,22 +163,27 @@ def loop(run: Run, state: TrainState, start_step: int) -> dict:
             force=True,
         )
 
-    # make_train_step's steps take the host batch; a bare `step(state, global_batch)`
-    # (e.g. a wrapped step in a test) gets it as global arrays.
-    from_host = getattr(train_step, "from_host", None) or (
-        lambda state, host_batch, _: train_step(state, parallel.host_to_global(host_batch,
-                                                                                mesh)))
+    if getattr(train_step, "takes_device_batches", False):
+        # The next batches are copied to the devices while this step runs.
+        batches = parallel.prefetch_to_device(batches, mesh, DEVICE_PREFETCH)
+        run_step = lambda state, batch, _: train_step(state, batch)
+    else:
+        # A streamed step takes the host batch; a bare `step(state, global_batch)` (e.g. a
+        # wrapped step in a test) gets it as global arrays.
+        run_step = getattr(train_step, "from_host", None) or (
+            lambda state, host_batch, _: train_step(state, parallel.host_to_global(
+                host_batch, mesh)))
     last: dict[str, float] = {}
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
     try:
         with PreemptionWatch() as preemption:
             for step in range(start_step + 1, config.total_steps + 1):
                 t0 = time.perf_counter()
-                host_batch = next(batches)
+                batch = next(batches)
                 data_wait += time.perf_counter() - t0
                 try:
-                    state, metrics = from_host(
-                        state, host_batch, lambda: preemption.should_stop(sync=True))
+                    state, metrics = run_step(
+                        state, batch, lambda: preemption.should_stop(sync=True))
                 except StepInterrupted:  # Streamed: stopped between micro-batches.
                     log.info("preempted during step %d: saving step %d, exiting", step,
                              step - 1)

@@ -129,5 +129,6 @@ def make_train_step(
     # The compiled pieces with abstract arguments (one here; several when streamed).
     step.abstract_pieces = lambda state, batch: {"train_step": (jitted, (state, batch))}
     step.from_host = from_host
+    step.takes_device_batches = True  # The loop may prefetch its batches to the devices.
     step.transfer_s = 0.0  # Host-to-device copies are not timed apart from the data.
     return step
