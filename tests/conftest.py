@@ -22,6 +22,24 @@ if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the session: its workers, and the entry
+    points the tests start as subprocesses, compile the same tiny programs many times
+    over (train steps, embedders); the second compile of a program is read from disk.
+    Per session (in pytest's temporary folder), so every run starts cold, as CI does."""
+    import jax
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = str(root / "xla_cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # For subprocesses.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    yield
+
+
 def _reset_package_logger() -> None:
     logger = logging.getLogger("jaxmedclip")
     logger.handlers[:] = []

@@ -21,8 +21,7 @@ def _qkv(batch=3, length=7, heads=2, dim=8, seed=0):
     return [jax.random.normal(k, (batch, length, heads, dim)) for k in keys]
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("pad_multiple", [2, 8])
+@pytest.mark.parametrize("causal, pad_multiple", [(False, 2), (True, 8)])
 def test_padded_attention_equals_unpadded_forward_and_gradients(causal, pad_multiple):
     q, k, v = _qkv(length=7)
     lengths = None if not causal else jnp.array([7, 4, 1], jnp.int32)  # Text: padded rows.
@@ -53,6 +52,7 @@ def test_padded_cross_attention_of_a_single_query():
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+@pytest.mark.slow  # The two-tower test below pads both towers' attention in the default run.
 def test_attention_modules_with_padding_match_and_share_parameters():
     x = jax.random.normal(jax.random.key(0), (2, 9, 16))
     plain = Attention(num_heads=2)
@@ -86,8 +86,13 @@ def _encoder_loss(encoder, params, x, lengths):
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
 
+# One policy in the default run (it saves both names and dots, and unrolls the scan);
+# each other policy by `pytest -m slow`.
 @pytest.mark.parametrize("policy, scan_unroll", [
-    ("full", 1), ("save_dots", 1), ("save_attention", 1), ("save_dots_and_attention", 2)])
+    pytest.param("full", 1, marks=pytest.mark.slow),
+    pytest.param("save_dots", 1, marks=pytest.mark.slow),
+    pytest.param("save_attention", 1, marks=pytest.mark.slow),
+    ("save_dots_and_attention", 2)])
 def test_remat_policies_and_unrolled_scans_give_equal_loss_and_gradients(policy, scan_unroll):
     x = jax.random.normal(jax.random.key(0), (2, 6, 16))
     lengths = jnp.array([6, 3], jnp.int32)
@@ -143,8 +148,10 @@ def test_two_tower_with_every_speed_option_equals_the_plain_model():
     """uint16 images, cuDNN-style padding (with the XLA kernel), dense patches, a remat
     policy and a partly unrolled scan: the same embeddings and loss gradients as float
     images through the plain model."""
-    base = config_lib.config_from_flags("experiments/tiny_synthetic.py:runlocal",
-                                        ["model.scan_layers=True", "model.image.patch_embed=conv"])
+    base = config_lib.config_from_flags(
+        "experiments/tiny_synthetic.py:runlocal",
+        ["model.scan_layers=True", "model.image.patch_embed=conv", "model.image.depth=2",
+         "model.text.depth=2"])
     fast = config_lib.apply_overrides(base, [
         "model.remat_policy=save_dots_and_attention", "model.scan_unroll=2",
         "model.attention_pad_multiple=8", "model.image.patch_embed=dense",
@@ -157,7 +164,7 @@ def test_two_tower_with_every_speed_option_equals_the_plain_model():
     images = ((pixels / 65535.0 - base.data.image_mean) / base.data.image_std).astype(np.float32)
     tokens = np.zeros((4, length), np.int32)
     tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 2, rng.integers(4, 50, (4, 5)), models.EOS_ID
-    params = plain_model.init(jax.random.key(0), images, tokens)["params"]
+    params = jax.jit(plain_model.init)(jax.random.key(0), images, tokens)["params"]
     fields = batch_schema.batch_fields(fast.data, 4)
     assert fields["image"][1] == np.uint16
 
@@ -166,8 +173,8 @@ def test_two_tower_with_every_speed_option_equals_the_plain_model():
         logits = out["image_emb"] @ out["text_emb"].T * out["scale"]
         return jnp.mean(jax.nn.log_softmax(logits)[np.arange(4), np.arange(4)]), out
 
-    (want, want_out), want_grads = jax.value_and_grad(
-        lambda p: loss(plain_model, p, images), has_aux=True)(params)
+    (want, want_out), want_grads = jax.jit(jax.value_and_grad(
+        lambda p: loss(plain_model, p, images), has_aux=True))(params)
     (got, got_out), got_grads = jax.jit(jax.value_and_grad(
         lambda p: loss(fast_model, p, pixels), has_aux=True))(params)
     for name in ("image_emb", "text_emb"):
