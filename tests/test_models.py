@@ -37,8 +37,8 @@ def _inputs(config, batch=3, seed=0):
 def test_two_tower_outputs(dtype):
     config, model = _tiny(**{"model.dtype": dtype})
     images, tokens = _inputs(config)
-    variables = model.init(jax.random.key(0), images, tokens)
-    out = model.apply(variables, images, tokens)
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+    out = jax.jit(model.apply)(variables, images, tokens)
     embed = config.model.embed_dim
     assert out["image_emb"].shape == (3, embed) and out["text_emb"].shape == (3, embed)
     assert out["image_emb"].dtype == jnp.float32 and out["text_emb"].dtype == jnp.float32
@@ -48,7 +48,8 @@ def test_two_tower_outputs(dtype):
     assert float(out["bias"]) == -10.0
     params = flax.core.meta.unbox(variables["params"])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    _, tokens_out = model.apply(variables, images, method=lambda m, x: m.image_tower(x))
+    _, tokens_out = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.image_tower(x)))(
+        variables, images)
     num_patches = (config.data.image_size // config.model.image.patch_size) ** 2
     assert tokens_out.shape == (3, num_patches, config.model.image.width)
     assert tokens_out.dtype == jnp.dtype(dtype)
@@ -57,7 +58,7 @@ def test_two_tower_outputs(dtype):
 def test_scale_is_clamped_at_max():
     config, model = _tiny()
     images, tokens = _inputs(config)
-    variables = flax.core.meta.unbox(model.init(jax.random.key(0), images, tokens))
+    variables = flax.core.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens))
     variables["params"]["log_scale"] = jnp.asarray(math.log(500.0))
     scale, _ = model.apply(variables, method=lambda m: m.temperature())
     assert float(scale) == pytest.approx(100.0)
@@ -119,14 +120,15 @@ def test_remat_and_scan_compute_the_same_function():
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     plain = Encoder(depth=3, num_heads=2, mlp_dim=32)
     params = plain.init(jax.random.key(1), x)["params"]
-    expected = plain.apply({"params": params}, x)
+    expected = jax.jit(plain.apply)({"params": params}, x)
     remat = Encoder(depth=3, num_heads=2, mlp_dim=32, remat=True)
-    np.testing.assert_allclose(remat.apply({"params": params}, x), expected, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, x), expected, atol=1e-6)
     params = flax.core.meta.unbox(params)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"block_{i}"] for i in range(3)])
     scanned = Encoder(depth=3, num_heads=2, mlp_dim=32, scan_layers=True, remat=True)
     scan_params = {"blocks": stacked, "final_norm": params["final_norm"]}
-    np.testing.assert_allclose(scanned.apply({"params": scan_params}, x), expected, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(scanned.apply)({"params": scan_params}, x), expected,
+                               atol=1e-5)
 
 
 def test_vit_b16_mimic_builds_under_eval_shape():
