@@ -166,7 +166,8 @@ def test_batch_keys_shapes_and_dtypes(prepared, config):
     assert evaluation["text"].shape == (8,) and evaluation["text"].dtype == object
 
 
-@pytest.mark.parametrize("image_dtype, top", [("uint16", 65535), ("uint8", 255)])
+@pytest.mark.parametrize("image_dtype, top", [
+    ("uint16", 65535), pytest.param("uint8", 255, marks=pytest.mark.slow)])
 def test_integer_images_carry_the_float_batches_intensities(prepared, config, image_dtype,
                                                              top):
     """data.image_dtype: the same batches (augmented training ones too) with the images as

@@ -152,7 +152,7 @@ def test_two_tower_with_every_speed_option_equals_the_plain_model():
     base = config_lib.config_from_flags(
         "experiments/tiny_synthetic.py:runlocal",
         ["model.scan_layers=True", "model.image.patch_embed=conv", "model.image.depth=2",
-         "model.text.depth=2"])
+         "model.text.depth=1"])
     fast = config_lib.apply_overrides(base, [
         "model.remat_policy=save_dots_and_attention", "model.scan_unroll=2",
         "model.attention_pad_multiple=8", "model.image.patch_embed=dense",

@@ -81,8 +81,9 @@ def test_every_parameter_has_logical_axes():
 def test_vit_pools(pool):
     config, model = _tiny(**{"model.image.pool": pool})
     images, tokens = _inputs(config)
-    variables = model.init(jax.random.key(1), images, tokens)
-    emb = model.apply(variables, images, method=lambda m, x: m.encode_image(x))
+    variables = jax.jit(model.init)(jax.random.key(1), images, tokens)
+    emb = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.encode_image(x)))(
+        variables, images)
     assert emb.shape == (3, config.model.embed_dim)
     assert np.isfinite(np.asarray(emb)).all()
 
@@ -90,22 +91,23 @@ def test_vit_pools(pool):
 def test_causal_text_tower_ignores_later_tokens():
     config, model = _tiny()
     images, tokens = _inputs(config)
-    variables = model.init(jax.random.key(0), images, tokens)
-    feats = lambda t: model.apply(variables, t, method=lambda m, x: m.text_tower(x))[1]
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+    text_tower = jax.jit(lambda t: model.apply(variables, t, method=lambda m, x: m.text_tower(x)))
+    feats = lambda t: text_tower(t)[1]
     changed = tokens.at[2, 9].set(7)  # Example 2 has 11 tokens; position 9 precedes EOS.
     a, b = feats(tokens), feats(changed)
     np.testing.assert_allclose(a[2, :9], b[2, :9], atol=1e-6)  # Earlier positions unchanged.
     assert np.abs(np.asarray(a[2, 9:11] - b[2, 9:11])).max() > 1e-4  # Later ones see it.
     # Pooled at the end-of-text token, which is position n-1 for example i.
-    pooled = model.apply(variables, tokens, method=lambda m, x: m.text_tower(x))[0]
+    pooled = text_tower(tokens)[0]
     np.testing.assert_allclose(pooled[1], a[1, 7], atol=1e-6)
 
 
 def test_bidirectional_text_tower_pools_first_token_and_ignores_padding():
     config, model = _tiny(**{"model.text.variant": "bidirectional"})
     images, tokens = _inputs(config)
-    variables = model.init(jax.random.key(0), images, tokens)
-    tower = lambda t: model.apply(variables, t, method=lambda m, x: m.text_tower(x))
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+    tower = jax.jit(lambda t: model.apply(variables, t, method=lambda m, x: m.text_tower(x)))
     pooled, feats = tower(tokens)
     np.testing.assert_allclose(pooled, feats[:, 0], atol=1e-6)
     changed_last = tokens.at[2, 9].set(7)
@@ -119,7 +121,7 @@ def test_bidirectional_text_tower_pools_first_token_and_ignores_padding():
 def test_remat_and_scan_compute_the_same_function():
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     plain = Encoder(depth=3, num_heads=2, mlp_dim=32)
-    params = plain.init(jax.random.key(1), x)["params"]
+    params = jax.jit(plain.init)(jax.random.key(1), x)["params"]
     expected = jax.jit(plain.apply)({"params": params}, x)
     remat = Encoder(depth=3, num_heads=2, mlp_dim=32, remat=True)
     np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, x), expected, atol=1e-6)
@@ -156,9 +158,10 @@ def test_vit_b16_mimic_builds_under_eval_shape():
 def test_attention_impl_is_checked_and_xla_matches_default():
     config, model = _tiny()
     images, tokens = _inputs(config)
-    variables = model.init(jax.random.key(0), images, tokens)
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
     _, xla_model = _tiny(**{"model.attention_impl": "'xla'"})
-    a, b = model.apply(variables, images, tokens), xla_model.apply(variables, images, tokens)
+    a, b = jax.jit(model.apply)(variables, images, tokens), jax.jit(xla_model.apply)(
+        variables, images, tokens)
     np.testing.assert_allclose(a["text_emb"], b["text_emb"], atol=1e-6)
     with pytest.raises(ValueError, match="model.attention_impl='flash' is unknown"):
         _tiny(**{"model.attention_impl": "'flash'"})
