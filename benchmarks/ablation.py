@@ -267,12 +267,11 @@ def write_table(path: str, table: str) -> None:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_flags(argv)
-    if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={args.cpu_devices}"
-        ).strip()
     sys.path.insert(0, REPO)
+    from jaxmedclip import config_lib  # Imports no jax.
+
+    if args.cpu_devices:
+        config_lib.add_cpu_devices(args.cpu_devices)
     import logging
 
     logging.basicConfig(level=logging.WARNING)

@@ -183,10 +183,11 @@ def measure_time(global_batch: int, dim: int, tile: int, repeats: int) -> dict:
 
 
 def run_worker(num_devices: int, argv: list[str]):
+    sys.path.insert(0, REPO)
+    from jaxmedclip import config_lib  # Imports no jax.
+
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
-    ).strip()
+    config_lib.add_cpu_devices(num_devices, env)
     command = [sys.executable, os.path.abspath(__file__), "--worker", str(num_devices), *argv]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:

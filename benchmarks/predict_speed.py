@@ -108,10 +108,7 @@ def main(argv=None) -> None:
     if args.num_images < 1 or args.rounds < 1:
         parser.error("--num_images and --rounds must be >= 1")
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={args.cpu_devices}"
-        ).strip()
+        config_lib.add_cpu_devices(args.cpu_devices)
     import jax
 
     from jaxmedclip import evaluate, predict

@@ -590,15 +590,14 @@ def trace_file(trace_dir: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, REPO)
     args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
+    from jaxmedclip import config_lib  # Imports no jax.
+
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={args.cpu_devices}"
-        ).strip()
+        config_lib.add_cpu_devices(args.cpu_devices)
     import jax
     import jaxlib
 
-    from jaxmedclip import config_lib, training
+    from jaxmedclip import training
 
     config = config_lib.config_from_flags(args.config, overrides)
     out = output_dir(args.out, args.config)

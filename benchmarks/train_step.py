@@ -139,14 +139,13 @@ def time_steps(config, args, *, from_host: bool, prefetch: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, REPO)
     args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
+    from jaxmedclip import config_lib  # Imports no jax.
+
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={args.cpu_devices}"
-        ).strip()
+        config_lib.add_cpu_devices(args.cpu_devices)
     import jax
 
-    from jaxmedclip import config_lib, flops
+    from jaxmedclip import flops
 
     config = config_lib.config_from_flags(args.config, overrides)
     streamed = bool(config.stream_microbatches)

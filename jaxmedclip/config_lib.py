@@ -11,10 +11,17 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import ml_collections
+
+
+def add_cpu_devices(count: int, env: MutableMapping[str, str] = os.environ) -> None:
+    """Asks XLA (through `env`'s XLA_FLAGS) for `count` fake CPU devices; effective for a
+    process whose jax is not yet imported (this one, before the import, or a child)."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 def _parse_value(text: str, default: Any) -> Any:
