@@ -44,6 +44,7 @@ def get_config(arg=None):
     config.data.image_size = 224
     config.data.image_mean = 0.5
     config.data.image_std = 0.25
+    config.data.image_dtype = "float32"  # Or "uint16": normalised on the device, half the bytes.
     # A random subset of the report's sentences, shuffled (CXR-CLIP style); evaluation
     # reads the whole findings + impression text.
     config.data.text = "sentences"
@@ -67,10 +68,15 @@ def get_config(arg=None):
     config.model.embed_dim = 512
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
+    # Throughput switches (each computes the same function; docs/benchmarks.md, "Throughput
+    # on one GPU"). These are the settings measured at 0.22-0.24 MFU on an H200;
+    # `bash benchmarks/gpu_compare.sh` compares them with the fast ones (cuDNN attention,
+    # remat_policy="save_dots", image_dtype="uint16"), not yet run on a GPU.
     config.model.remat = True
+    config.model.remat_policy = None  # None: `remat` decides ("full").
     config.model.scan_layers = True
     # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn" (fused, NVIDIA
-    # GPUs, bf16); see docs/benchmarks.md.
+    # GPUs, bf16; lengths padded to even inside the call).
     config.model.attention_impl = None
     config.model.temperature_init = 1 / 0.07
     config.model.max_scale = 100.0
