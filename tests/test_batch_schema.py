@@ -38,8 +38,15 @@ SWITCHES = {
 }
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("switch", list(SWITCHES))
+# Training batches of "plain" and "multiview" are slow tests: "augmented" and
+# "multiview_and_prompts" hold their fields and more.
+SUBSUMED = {("plain", True), ("multiview", True)}
+
+
+@pytest.mark.parametrize("switch, train", [
+    pytest.param(switch, train, id=f"{switch}-{'train' if train else 'eval'}",
+                 marks=[pytest.mark.slow] if (switch, train) in SUBSUMED else [])
+    for switch in SWITCHES for train in (True, False)])
 def test_batches_match_the_schema(data_dir, prepared, switch, train):
     builder, tok = prepared
     config = data_config(data_dir, **SWITCHES[switch])

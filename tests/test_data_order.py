@@ -63,7 +63,7 @@ def test_resume_far_ahead_is_immediate(config, prepared):
     assert_batches_equal(batches(config, prepared, 1, start_step=10**9 + 1), far[1:])
 
 
-@pytest.mark.parametrize("process_count", [2, 4])
+@pytest.mark.parametrize("process_count", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_process_slices_make_the_single_process_batches(config, prepared, process_count):
     whole = batches(config, prepared, 5)
     slices = [batches(config, prepared, 5, process_index=p, process_count=process_count)
