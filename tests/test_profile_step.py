@@ -1,5 +1,6 @@
 """benchmarks/profile_step.py: HLO parsing, op categories and FLOPs on hand-written HLO,
-trace events of CPU- and GPU-shaped traces, and a real profile of a tiny config on CPU."""
+trace events of CPU- and GPU-shaped traces, a real CPU trace of a small program, and
+(slow) the script's whole run on a tiny config."""
 
 # ruff: noqa: E501
 # (The HLO lines below are as long as XLA writes them.)
@@ -246,6 +247,7 @@ def test_gpu_trace_uses_device_streams_and_merges_kernels_of_one_op(module):
     assert set(summary["other_modules_ms_per_step"]) == {"jit_convert"}
 
 
+@pytest.mark.slow  # 20 s; a small program's real trace (below) stays in the default run.
 def test_profile_of_a_tiny_config_on_cpu(tmp_path, capsys):
     import jax
 
@@ -303,3 +305,37 @@ def test_output_dir_is_out_then_env_then_a_fresh_folder(tmp_path, monkeypatch):
     second = profile_step.output_dir(None, "experiments/tiny_synthetic.py:runlocal")
     assert first != second and os.path.isdir(first) and os.path.isdir(second)
     assert os.path.dirname(first) == "profiles" and first.endswith("-tiny_synthetic")
+
+
+def test_real_cpu_trace_of_a_small_program(tmp_path):
+    """A real jax.profiler trace of a small jitted program with the model's two name
+    scopes: every op event is found in its compiled HLO and lands in its category."""
+    import jax
+    import jax.numpy as jnp
+
+    def step(w, x):
+        with jax.named_scope(profile_step.ATTENTION_SCOPE):
+            attention = jax.nn.softmax(x @ x.T, axis=-1) @ x
+        y = jnp.tanh(attention @ w)
+        with jax.named_scope(profile_step.OPTIMIZER_SCOPE):
+            w = w - 0.01 * jnp.sign(w) * jnp.sum(y)
+        return w, y
+
+    jitted = jax.jit(step)
+    w, x = jnp.ones((64, 64)), jnp.ones((128, 64)) / 8
+    module = profile_step.parse_hlo(jitted.lower(w, x).compile().as_text())
+    jax.block_until_ready(jitted(w, x))
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        for _ in range(2):
+            jax.block_until_ready(jitted(w, x))
+    events = profile_step.op_events(profile_step.load_trace(
+        profile_step.trace_file(str(tmp_path))))
+    summary = profile_step.summarize(events, {module.name: module}, steps=2)
+    assert summary["devices_in_trace"] == 1
+    assert summary["unmatched_ms_per_step"] == 0
+    categories = summary["categories"]
+    for category in ("matmul", "attention", "optimizer"):
+        assert categories[category]["ms_per_step"] > 0, (category, summary["ops"])
+    assert sum(c["fraction"] for c in categories.values()) == pytest.approx(1.0)
+    matmuls = {r["category"] for r in summary["ops"] if r["flops_per_call"] > 0}
+    assert matmuls == {"matmul", "attention"}
