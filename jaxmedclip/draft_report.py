@@ -387,11 +387,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--config", required=True, help="experiment file, e.g. experiments/x.py")
-    parser.add_argument("--workdir", required=True, help="the training run's workdir")
-    parser.add_argument(
-        "--checkpoint", type=int, default=None, help="step of --workdir (default: latest)"
-    )
+    predict.add_model_flags(parser, exported=False)
     parser.add_argument("--image", nargs="+", action="extend", default=[],
                         help="image files or folders (repeatable)")
     parser.add_argument("--k", type=int, default=None,
@@ -400,11 +396,6 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--index", choices=INDEX_MODES, default="auto",
                         help="auto: build a missing or stale index; rebuild: always; "
                         "existing: refuse a missing or stale one")
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        help="SentencePiece .model (default: <workdir>/tokenizer.model, recorded by training)",
-    )
     args, rest = parser.parse_known_args(argv)
     if not args.image and args.index != "rebuild":
         parser.error("give --image PATH... (or --index rebuild alone, to build the index)")

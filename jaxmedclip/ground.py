@@ -244,14 +244,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--config", required=True, help="experiment file, e.g. experiments/x.py")
-    parser.add_argument("--workdir", default=None, help="the training run's workdir")
-    parser.add_argument("--checkpoint", type=int, default=None,
-                        help="step of --workdir (default: latest)")
-    parser.add_argument("--hf", default=None,
-                        help="instead of --workdir: a folder jaxmedclip.export wrote")
-    parser.add_argument("--tokenizer", default=None,
-                        help="SentencePiece .model (default: <workdir>/tokenizer.model)")
+    predict.add_model_flags(parser)
     parser.add_argument("--phrase", action="append", default=[], help="a phrase (repeatable)")
     parser.add_argument("--image", action="append", default=[], help="an image (repeatable)")
     parser.add_argument("--boxes", default=None, help="phrase-box CSV in MS-CXR's layout")
@@ -261,10 +254,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="the PNG to write (phrases and images); the metrics JSON "
                              "(--boxes, optional)")
     args, rest = parser.parse_known_args(argv)
-    if (args.workdir is None) == (args.hf is None):
-        parser.error("give exactly one of --workdir (a training run) and --hf (an exported folder)")
-    if args.hf is not None and (args.checkpoint is not None or args.tokenizer is not None):
-        parser.error("--checkpoint and --tokenizer go with --workdir; --hf holds both")
+    predict.check_model_flags(parser, args)
     if args.boxes is not None:
         if args.phrase or args.image:
             parser.error("--boxes takes its phrases and images from the CSV: drop --phrase "

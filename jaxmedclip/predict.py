@@ -446,6 +446,35 @@ def _check_preprocessing(folder: str, config: ml_collections.ConfigDict) -> None
         )
 
 
+def add_model_flags(parser: argparse.ArgumentParser, *, exported: bool = True) -> None:
+    """The flags naming the model `load_model` loads: --config, --workdir, --checkpoint,
+    --tokenizer and, with `exported`, --hf (an exported folder instead of --workdir; then
+    `check_model_flags` checks that exactly one is given)."""
+    parser.add_argument("--config", required=True, help="experiment file, e.g. experiments/x.py")
+    parser.add_argument("--workdir", required=not exported, default=None,
+                        help="the training run's workdir")
+    parser.add_argument(
+        "--checkpoint", type=int, default=None, help="step of --workdir (default: latest)"
+    )
+    if exported:
+        parser.add_argument(
+            "--hf", default=None, help="instead of --workdir: a folder jaxmedclip.export wrote"
+        )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="SentencePiece .model (default: <workdir>/tokenizer.model, recorded by training)",
+    )
+
+
+def check_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of --workdir and --hf; --checkpoint and --tokenizer only with --workdir."""
+    if (args.workdir is None) == (args.hf is None):
+        parser.error("give exactly one of --workdir (a training run) and --hf (an exported folder)")
+    if args.hf is not None and (args.checkpoint is not None or args.tokenizer is not None):
+        parser.error("--checkpoint and --tokenizer go with --workdir; --hf holds both")
+
+
 def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m jaxmedclip.predict",
@@ -453,14 +482,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--config", required=True, help="experiment file, e.g. experiments/x.py")
-    parser.add_argument("--workdir", default=None, help="the training run's workdir")
-    parser.add_argument(
-        "--checkpoint", type=int, default=None, help="step of --workdir (default: latest)"
-    )
-    parser.add_argument(
-        "--hf", default=None, help="instead of --workdir: a folder jaxmedclip.export wrote"
-    )
+    add_model_flags(parser)
     parser.add_argument("--images", nargs="+", default=None, help="image files or folders")
     parser.add_argument("--manifest", default=None, help="CSV with an image path column")
     parser.add_argument("--image_column", default=DEFAULT_IMAGE_COLUMN, help="of --manifest")
@@ -471,18 +493,10 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help="report.json whose thresholds give the yes/no columns (default: the "
         "checkpoint's under <workdir>/eval/<STEP>/)",
     )
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        help="SentencePiece .model (default: <workdir>/tokenizer.model, recorded by training)",
-    )
     args, rest = parser.parse_known_args(argv)
     if (args.images is None) == (args.manifest is None):
         parser.error("give exactly one of --images PATH... and --manifest CSV")
-    if (args.workdir is None) == (args.hf is None):
-        parser.error("give exactly one of --workdir (a training run) and --hf (an exported folder)")
-    if args.hf is not None and (args.checkpoint is not None or args.tokenizer is not None):
-        parser.error("--checkpoint and --tokenizer go with --workdir; --hf holds both")
+    check_model_flags(parser, args)
     return args, config_lib.override_flags(parser, rest)
 
 
