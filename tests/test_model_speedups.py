@@ -13,8 +13,6 @@ from jaxmedclip import batch_schema, config_lib, models, training
 from jaxmedclip.models.layers import Attention, Encoder, padded_attention
 from jaxmedclip.models.vit import PatchEmbed, normalize_pixels
 
-jax.config.update("jax_default_matmul_precision", "highest")
-
 
 def _qkv(batch=3, length=7, heads=2, dim=8, seed=0):
     keys = jax.random.split(jax.random.key(seed), 3)

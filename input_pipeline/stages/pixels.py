@@ -99,7 +99,7 @@ def to_batch_images(images: tf.Tensor, data_config: ml_collections.ConfigDict) -
     dtype = data_config.get("image_dtype", "float32")
     if dtype == "float32":
         return normalize(images, data_config)
-    top = {"uint16": 65535.0, "uint8": 255.0}[dtype]
+    top = float(np.iinfo(dtype).max)
     return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * top), dtype)
 
 

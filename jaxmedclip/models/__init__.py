@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxmedclip import config_schema
+from jaxmedclip.models import layers
 from jaxmedclip.models.text import TextTransformer
 from jaxmedclip.models.two_tower import TwoTower, l2_normalize
 from jaxmedclip.models.vit import ViT
@@ -67,9 +68,8 @@ def build_model(
             )
     if model_config.scan_unroll < 1:
         raise ValueError(f"model.scan_unroll must be >= 1; got {model_config.scan_unroll}")
-    pad_multiple = model_config.attention_pad_multiple
-    if pad_multiple is not None and pad_multiple < 1:
-        raise ValueError(f"model.attention_pad_multiple must be >= 1 or None; got {pad_multiple}")
+    pad_multiple = layers.attention_pad_multiple(attention_impl,
+                                                 model_config.attention_pad_multiple)
     remat_policy = remat_policy_of(model_config)
     common = dict(
         dtype=dtype,
