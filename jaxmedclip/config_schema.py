@@ -79,6 +79,13 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_attention", "save_dots_and_
 PATCH_EMBEDS = ("dense", "conv")
 IMAGE_DTYPES = ("float32", "uint16", "uint8")
 IMAGE_POOLS = ("cls", "mean", "map")
+# Where the image side of the local alignment (`model.local_dim`) reads its region
+# features: the tower's last-layer patch tokens, or a shallow convolutional head of its own.
+LOCAL_SOURCES = ("tokens", "patches")
+# What the text side of the local alignment reads: the words of the text (sub-word pieces
+# merged; GLoRIA), or the text tower's pooled feature, one "word" per text (the regions are
+# then pooled by their attention to the whole text, as PACL does).
+LOCAL_TEXTS = ("words", "sentence")
 TEXT_VARIANTS = ("causal", "bidirectional")
 TEXT_POOLS = (None, "eos", "first", "last")  # None: the variant's own.
 TEXT_LAYOUTS = ("pre_ln", "bert")
@@ -212,6 +219,18 @@ FIELDS: dict[str, Any] = dict(
         bias_init=_f(-10.0, FLOAT),
         image_projection=_f(True),
         local_dim=_f(None, INT),  # The GLoRIA local projection; None: off.
+        # The region features the local projection reads (LOCAL_SOURCES): "tokens", the
+        # image tower's last-layer patch tokens; "patches", a head of its own over the patch
+        # grid (its own patch embedding and positions, then `local_head_depth` residual
+        # convolutions of `local_head_kernel` patches), whose receptive field is bounded
+        # (1 + depth * (kernel - 1) of its patches a side) so that a region's feature describes
+        # that region: what grounding maps need.
+        local_source=_f("tokens", choices=LOCAL_SOURCES),
+        local_text=_f("words", choices=LOCAL_TEXTS),
+        local_head_width=_f(None, INT),  # None: model.image.width.
+        local_head_patch_size=_f(None, INT),  # None: model.image.patch_size.
+        local_head_depth=_f(2),
+        local_head_kernel=_f(3),
         image=_tower(name=_f("vit", choices=("vit",)), patch_size=_f(REQUIRED, INT),
                      pool=_f("cls", choices=IMAGE_POOLS), num_channels=_f(1),
                      pre_norm=_f(False), patch_embed=_f("dense", choices=PATCH_EMBEDS)),

@@ -455,7 +455,7 @@ def parse_flags(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> str:
     """Runs the export; returns the format written. Refusals come before any work."""
     own, args, overrides = parse_flags(sys.argv[1:] if argv is None else argv)
-    from jaxmedclip import config_lib, evaluate
+    from jaxmedclip import config_lib, evaluate, models
 
     config = config_lib.config_from_flags(args.config, overrides)
     fmt = choose_format(config, own.format)
@@ -483,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         parity_atol=own.parity_atol,
     )
     print(f"self-check: {result.parity.summary()}")
+    local = sorted(set(params) & set(models.LOCAL_PARAMS))
+    if local:
+        print(f"not exported: the local alignment's {', '.join(local)} (grounding maps of "
+              "this model need its checkpoint: python -m jaxmedclip.ground --workdir ...)")
     print(
         f"exported step {step} of {args.workdir} as {result.format} "
         f"({HF_CLASSES[result.format]}) to {own.out} (tokenizer {tokenizer_model})"

@@ -291,6 +291,12 @@ def main(argv: Sequence[str] | None = None) -> dict | np.ndarray:
     try:
         config = config_lib.config_from_flags(args.config, overrides)
         regions = read_boxes(args.boxes, args.split) if args.boxes is not None else None
+        if args.hf is not None and grounding.map_kind(config) != "patch_similarity":
+            raise ValueError(
+                f"{grounding.map_kind(config).replace('_', ' ')} maps come from the local "
+                "alignment's parameters, which exports do not hold: ground from the "
+                "checkpoint (--workdir), or add --config.loss.local.weight=0 for the towers' "
+                "patch-similarity maps")
         model = predict.load_model(config, args.workdir, args.checkpoint, args.hf,
                                    args.tokenizer)
         if regions is not None:

@@ -48,7 +48,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from jaxmedclip import config_lib, evaluate, evaluation, parallel, training
+from jaxmedclip import config_lib, evaluate, evaluation, models, parallel, training
 from jaxmedclip.evaluation import embed
 from jaxmedclip.evaluation import report as report_lib
 from jaxmedclip.evaluation.prompts import slug
@@ -419,9 +419,11 @@ def hf_params(setup: evaluate.ModelSetup, config: ml_collections.ConfigDict, fol
         what=f"{folder} (heads)",
     )
     # The logit bias only shifts both logits of a zero-shot pair alike: CLIP folders lack it.
+    # Exports hold no local alignment parameters (zeros here): only grounding reads them,
+    # and `ground` refuses such maps from a folder.
     unset = sorted(
         k for k in flat if not k.startswith(("image_tower/", "text_tower/", "bias"))
-        and k not in converted
+        and k.split("/")[0] not in models.LOCAL_PARAMS and k not in converted
     )
     if unset:
         raise ValueError(f"--hf {folder} holds no weights for {unset} of the configured model")

@@ -195,6 +195,61 @@ def test_word_attention_maps_average_each_words_attention(tiny_model):
     np.testing.assert_allclose(maps, _upsample(np.stack(low), 32), atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,depth", [(1, 2), (3, 1)])
+def test_local_patch_head_sees_only_its_receptive_field(kernel, depth):
+    """Changing the pixels of one patch changes the region features of the patches within
+    (kernel - 1) / 2 * depth patches of it, and no others."""
+    head = models.vit.LocalPatchHead(patch_size=4, width=8, depth=depth, kernel=kernel)
+    images = np.random.default_rng(0).normal(size=(2, 24, 24, 1)).astype(np.float32)
+    params = jax.jit(head.init)(jax.random.key(0), images)
+    changed = images.copy()
+    changed[:, 8:12, 12:16] += 1.0  # Patch (row 2, column 3) of the 6 x 6 grid.
+    before, after = (np.asarray(jax.jit(head.apply)(params, x)) for x in (images, changed))
+    assert before.shape == (2, 36, 8)
+    moved = np.abs(after - before).max(axis=(0, 2)).reshape(6, 6) > 1e-6
+    reach = (kernel - 1) // 2 * depth
+    rows, cols = np.mgrid[:6, :6]
+    np.testing.assert_array_equal(moved, (abs(rows - 2) <= reach) & (abs(cols - 3) <= reach))
+
+
+@pytest.fixture(scope="module")
+def sentence_model():
+    """A random tiny model whose local alignment reads a patch head and pooled texts."""
+    return _tiny_model(**{"model.local_dim": 8, "model.local_source": "patches",
+                          "model.local_text": "sentence", "model.local_head_kernel": 1})
+
+
+def test_sentence_attention_maps_are_each_phrases_attention_over_patches(sentence_model):
+    config, model, params, mesh, images, phrases = sentence_model
+    assert "local_head" in params and model.local_text == "sentence"
+    grounder = grounding.Grounder(model, mesh, parallel.logical_rules(config),
+                                  kind="sentence_attention", t1=10.0)
+    index = np.array([[0, 1], [2, 0], [1, 1], [0, 0], [2, 2]])
+    weights = np.array([[0.5, 0.5], [1, 0], [0.5, 0.5], [1, 0], [1, 0]], np.float32)
+    maps = grounder.maps(params, images, phrases, index, weights, batch_size=8)
+
+    def local_features(m, x, t):  # The head's regions; the text's pooled feature.
+        _, patches = m.image_tower(x)
+        pooled, _ = m.text_tower(t)
+        return m.image_local_proj(m.local_head(x)), m.text_local_proj(pooled)
+
+    regions, texts = jax.jit(lambda p: model.apply(
+        {"params": p}, images, phrases, method=local_features))(params)
+    unit = lambda x: np.asarray(x) / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+    attention = np.exp(10 * np.einsum("qd,npd->nqp", unit(texts), unit(regions)))
+    attention /= attention.sum(-1, keepdims=True)
+    low = np.stack([sum(w * attention[n, q] for q, w in zip(index[n], weights[n], strict=True))
+                    for n in range(len(images))])
+    np.testing.assert_allclose(maps, _upsample(low, images.shape[1]), atol=1e-5)
+    # The kind must match the model; the entry points pick it from the config.
+    with pytest.raises(ValueError, match=r"word_attention maps need a model whose local_text "
+                                         r"is words"):
+        grounding.Grounder(model, mesh, parallel.logical_rules(config), kind="word_attention",
+                           starts_word=np.ones(64, bool))
+    assert grounding.map_kind(config_lib.load_config("experiments/tiny_synthetic.py")) \
+        == "sentence_attention"
+
+
 def test_box_masks_follow_the_resize_with_pad():
     region = ground.BoxRegion("x.png", "left", "L", [(0.0, 0.0, 40.0, 40.0)], (80.0, 40.0))
     mask = ground.box_mask(region, (40, 80), 32)  # 80 wide, 40 high: padded above/below.

@@ -95,9 +95,13 @@ def _dense_reference(model, config, params, batch, word_starts):
             out["image_emb"], out["text_emb"], out["scale"], out["bias"], batch,
             config=dict(name="softmax", impl="dense"), mesh=None, batch_axes=(),
         )
-        words, word_mask = la.merge_subwords(
-            out["text_local"], batch["tokens"], word_starts, max_words=local.max_words
-        )
+        if model.local_text == "sentence":  # [B, 1, D]: one "word" per text.
+            words = out["text_local"]
+            word_mask = np.ones(words.shape[:2], bool)
+        else:
+            words, word_mask = la.merge_subwords(
+                out["text_local"], batch["tokens"], word_starts, max_words=local.max_words
+            )
         local_loss, _ = la.local_alignment_loss(
             out["image_local"], words, word_mask, batch["mask"],
             t1=local.t1, t2=local.t2, t3=local.t3, impl="dense",
@@ -172,6 +176,42 @@ def test_local_loss_train_step_equals_dense_reference(setup, impl):
         assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads[name])) > 1e-4, name
 
 
+@pytest.fixture(scope="module")
+def sentence_setup():
+    """`setup` with the Quickstart's grounding term: a one-patch head, pooled texts."""
+    config = _small_config("all_gather")
+    config.model.update(local_source="patches", local_text="sentence", local_head_kernel=1)
+    return Setup(config)
+
+
+@pytest.mark.parametrize("impl", ["all_gather", "ring"])
+def test_sentence_local_term_train_step_equals_dense_reference(sentence_setup, impl):
+    """The attention-pooled term over the patch head: one sharded SGD step = the dense
+    reference's gradients; no word-start table is needed."""
+    setup = sentence_setup
+    loss_config = ml_collections.ConfigDict(setup.config.loss.to_dict())
+    loss_config.impl = impl
+    step = training.make_train_step(
+        setup.model, optax.sgd(1.0), lambda _: 1.0, loss_config, setup.mesh, setup.rules,
+        setup.shardings,
+    )
+    state = jax.tree.map(lambda x: x.copy(), setup.state)
+    new_state, metrics = step(state, setup.batch)
+    loss, global_loss, local_loss, grads = setup.reference
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss/local"]), local_loss, rtol=1e-5, atol=1e-5)
+    step_grads = jax.tree.map(lambda p, q: p - q, setup.params, jax.device_get(new_state.params))
+    _assert_trees_close(step_grads, grads)
+    # The head learns from the local term only; the image tower from the global loss only.
+    assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads["local_head"])) > 1e-4
+    _, _, _, global_grads = _dense_reference(
+        setup.model, config_lib.apply_overrides(setup.config, ["loss.local.weight=0.0"]),
+        setup.params, setup.host_batch, setup.word_starts)
+    np.testing.assert_allclose(
+        jax.tree.leaves(grads["image_tower"])[0], jax.tree.leaves(global_grads["image_tower"])[0],
+        rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_local_loss_with_gradcache_equals_dense_reference(setup):
     """GradCache (2 micro-batches) caches patch and token features too: same gradients."""
@@ -218,10 +258,11 @@ def _param_shapes(model, config):
 
 
 @pytest.mark.parametrize(
-    "name", ["tiny_synthetic", "medclip_synthetic", "cxrclip_synthetic", "vit_b16_mimic"]
+    "name", ["tiny_synthetic.py:local_weight=0", "tiny_synthetic.py:runlocal",
+             "medclip_synthetic.py", "cxrclip_synthetic.py", "vit_b16_mimic.py"]
 )
 def test_configs_without_local_loss_keep_their_param_tree(name):
-    config = config_lib.load_config(f"experiments/{name}.py")
+    config = config_lib.load_config(f"experiments/{name}")
     assert config.loss.get("local") is None and config.model.get("local_dim") is None
     model = models.build_model(config.model, config.data)
     assert model.local_dim is None
@@ -428,17 +469,35 @@ def test_multiview_refusals(setup):
     del no_loss.loss["multiview"]
     with pytest.raises(ValueError, match=r"data.multiview=True .* set loss.multiview"):
         training.check_config(no_loss)
-    loss_config = ml_collections.ConfigDict(config.loss.to_dict())
-    loss_config.local = ml_collections.ConfigDict(LOCAL)
-    with pytest.raises(ValueError, match=r"loss.multiview and loss.local are not supported"):
-        training.make_loss_and_grads(setup.model, loss_config, setup.mesh,
-                                    word_starts=setup.word_starts)
     # A batch without the second view and text names the data switch.
     plain = ml_collections.ConfigDict(config.loss.to_dict())
     fn = training.make_loss_and_grads(setup.model, plain, setup.mesh)
     with pytest.raises(ValueError, match=r"\['image2', 'tokens2'\].*data.multiview=True"):
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             jax.eval_shape(fn, setup.state.params, setup.batch)
+
+
+def test_multiview_objective_adds_the_local_term_on_the_first_view_and_text(sentence_setup):
+    """CXR-CLIP's terms plus the local term (the Quickstart's objective): the loss is the
+    multi-view loss plus weight x the local loss of (view 1, text 1), sharded as the
+    dense reference computes it."""
+    setup = sentence_setup
+    second = _random_batch(setup.config, seed=1)
+    batch = {**setup.host_batch, "image2": second["image"], "tokens2": second["tokens"]}
+    loss_config = ml_collections.ConfigDict(setup.config.loss.to_dict())
+    loss_config.multiview = ml_collections.ConfigDict(dict(text_text_weight=0.5))
+    fn = training.make_loss_and_grads(setup.model, loss_config, setup.mesh)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        (loss, metrics), _ = jax.jit(fn)(setup.state.params,
+                                         parallel.host_to_global(batch, setup.mesh))
+    # The dense reference's local loss reads the first view and text, like `setup`'s.
+    _, _, local_loss, _ = setup.reference
+    np.testing.assert_allclose(float(metrics["loss/local"]), local_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        float(loss), float(metrics["loss/global"]) + LOCAL["weight"] * local_loss, rtol=1e-5)
+    expected_global = (float(metrics["loss_image_text"]) + float(metrics["loss_image_image"])
+                       + 0.5 * float(metrics["loss_text_text"]))
+    np.testing.assert_allclose(float(metrics["loss/global"]), expected_global, rtol=1e-5)
 
 
 # ------------------------------------------------------------ text-label examples

@@ -10,6 +10,11 @@ size S x S:
   attention of each word of the phrase over the patches,
   softmax_p(t1 * cos(word, patch)) in the local projections, averaged over the words
   (`methods.local_alignment`'s step 1).
+- `sentence_attention` (the local loss with `model.local_text="sentence"`): the same
+  attention of the phrase's one pooled feature over the region features. With
+  `model.local_source="patches"` those come from a head whose receptive field is one
+  patch (`model.local_head_kernel=1`) or a few, not from the transformer's tokens: the
+  map then says where the phrase's finding is, not what the whole image holds.
 A finding's map is the mean of the maps of its positive zero-shot prompts
 (`eval.prompts`), as its zero-shot score uses their mean embedding.
 
@@ -51,13 +56,16 @@ from jaxmedclip.vocabulary import FINDING_INDEX, LOCALISED_FINDINGS
 
 log = logging.getLogger(__name__)
 
-MAP_KINDS = ("patch_similarity", "word_attention")
+MAP_KINDS = ("patch_similarity", "word_attention", "sentence_attention")
 
 
 def map_kind(config) -> str:
-    """`word_attention` for a model trained with the local loss, else `patch_similarity`."""
+    """`word_attention` (or `sentence_attention`, `model.local_text="sentence"`) for a
+    model trained with the local loss, else `patch_similarity`."""
     local = config.get("loss", {}).get("local")
     if local and local.get("weight", 1.0) > 0 and config.model.get("local_dim"):
+        if config.model.get("local_text", "words") == "sentence":
+            return "sentence_attention"
         return "word_attention"
     return "patch_similarity"
 
@@ -86,9 +94,16 @@ class Grounder:
                  starts_word: np.ndarray | None = None, t1: float = 4.0):
         if kind not in MAP_KINDS:
             raise ValueError(f"map kind {kind!r} is unknown; choose one of {MAP_KINDS}")
-        if kind == "word_attention" and (starts_word is None or model.local_dim is None):
+        sentence = getattr(model, "local_text", "words") == "sentence"
+        if kind != "patch_similarity" and (sentence != (kind == "sentence_attention")):
+            raise ValueError(f"{kind} maps need a model whose local_text is "
+                             f"{'sentence' if kind == 'sentence_attention' else 'words'}")
+        if kind == "word_attention" and (model.local_dim is None or starts_word is None):
             raise ValueError("word_attention maps need the model's local projections "
                              "(model.local_dim) and the tokenizer's word-start table")
+        if kind == "sentence_attention" and model.local_dim is None:
+            raise ValueError("sentence_attention maps need the model's local projections "
+                             "(model.local_dim)")
         self.model, self.mesh, self.rules, self.kind = model, mesh, rules, kind
         replicated = NamedSharding(mesh, P())
 
@@ -97,20 +112,21 @@ class Grounder:
                 return model.apply({"params": params}, tokens, method="encode_text"), None
 
             def words(module, tokens):
-                _, features = module.text_tower(tokens)
-                return local_alignment.merge_subwords(
-                    module.text_local_proj(features), tokens, starts_word)
+                features = module.local_texts(tokens)
+                if module.local_text == "sentence":
+                    return features, jnp.ones(features.shape[:2], bool)
+                return local_alignment.merge_subwords(features, tokens, starts_word)
 
             return model.apply({"params": params}, tokens, method=words)
 
         def image_side(params, images, text, word_mask, index, weights):
             def patch_maps(module, images):
-                _, patches = module.image_tower(images)  # [B, P, W]
                 if kind == "patch_similarity":
+                    _, patches = module.image_tower(images)  # [B, P, W]
                     emb = patches if module.image_proj is None else module.image_proj(patches)
                     return jnp.einsum("bpd,bkd->bkp", l2_normalize(emb),
                                       text[index].astype(jnp.float32))
-                regions = _unit(module.image_local_proj(patches).astype(jnp.float32))
+                regions = _unit(module.local_regions(images).astype(jnp.float32))
                 words = _unit(text[index].astype(jnp.float32))  # [B, K, W, D]
                 attention = jax.nn.softmax(
                     t1 * jnp.einsum("bpd,bkwd->bkwp", regions, words), axis=-1)
@@ -169,12 +185,15 @@ def grounder_for(config, model, mesh, rules, tokenizer) -> Grounder:
     kind = map_kind(config)
     if kind == "patch_similarity":
         return Grounder(model, mesh, rules)
+    t1 = float(config.loss.local.get("t1", 4.0))
+    if kind == "sentence_attention":  # No words to find.
+        return Grounder(model, mesh, rules, kind=kind, t1=t1)
     pieces = getattr(tokenizer, "pieces", None)
     if pieces is None:
         raise ValueError("word-attention maps (a model trained with loss.local) need the "
                          "SentencePiece tokenizer's pieces: use the training run's tokenizer")
     return Grounder(model, mesh, rules, kind=kind, starts_word=word_starts(config, pieces),
-                    t1=float(config.loss.local.get("t1", 4.0)))
+                    t1=t1)
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -351,8 +370,12 @@ def phrase_table(phrases_of: Mapping[str, Sequence[str]], keys: Sequence[str]
 
 
 def patch_grid(config) -> int:
-    """Patches per side of the model's input."""
-    return config.data.image_size // config.model.image.patch_size
+    """Patches per side of the model's maps: the local head's where its features make
+    them (`model.local_source="patches"`), else the image tower's."""
+    patch = config.model.image.patch_size
+    if map_kind(config) != "patch_similarity" and config.model.get("local_source") == "patches":
+        patch = config.model.get("local_head_patch_size") or patch
+    return config.data.image_size // patch
 
 
 def grounding_report(cfg, config, model, params, mesh, builder, tokenizer, split: str

@@ -8,8 +8,8 @@ import ml_collections
 from jaxmedclip import config_schema
 from jaxmedclip.models import layers
 from jaxmedclip.models.text import TextTransformer
-from jaxmedclip.models.two_tower import TwoTower, l2_normalize
-from jaxmedclip.models.vit import ViT
+from jaxmedclip.models.two_tower import LOCAL_PARAMS, TwoTower, l2_normalize
+from jaxmedclip.models.vit import LocalPatchHead, ViT
 from jaxmedclip.vocabulary import EOS_ID, PAD_ID
 
 IMAGE_TOWERS = {"vit": ViT}
@@ -18,7 +18,7 @@ MODELS = {"two_tower": TwoTower}
 data_defaults = config_schema.FIELDS["data"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-__all__ = ["build_model", "TwoTower", "ViT", "TextTransformer", "l2_normalize"]
+__all__ = ["build_model", "LOCAL_PARAMS", "TwoTower", "ViT", "TextTransformer", "l2_normalize"]
 
 
 def remat_policy_of(model_config: ml_collections.ConfigDict) -> str:
@@ -109,6 +109,26 @@ def build_model(
         layout=text_cfg.layout,
         **common,
     )
+    local_head = None
+    if model_config.local_dim is not None and model_config.local_source == "patches":
+        if model_config.local_head_depth < 0 or model_config.local_head_kernel < 1:
+            raise ValueError(
+                f"model.local_head_depth ({model_config.local_head_depth}) must be >= 0 and "
+                f"model.local_head_kernel ({model_config.local_head_kernel}) >= 1")
+        head_patch = model_config.local_head_patch_size or patch
+        if size % head_patch:
+            raise ValueError(f"data.image_size={size} is not divisible by "
+                             f"model.local_head_patch_size={head_patch}")
+        local_head = LocalPatchHead(
+            patch_size=head_patch,
+            width=model_config.local_head_width or image_cfg.width,
+            depth=model_config.local_head_depth,
+            kernel=model_config.local_head_kernel,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            image_mean=image_tower.image_mean,
+            image_std=image_tower.image_std,
+        )
     return MODELS[model_config.name](
         image_tower=image_tower,
         text_tower=text_tower,
@@ -118,6 +138,8 @@ def build_model(
         bias_init=model_config.bias_init,
         image_projection=image_projection,
         local_dim=model_config.local_dim,
+        local_head=local_head,
+        local_text=model_config.local_text,
         dtype=dtype,
         param_dtype=param_dtype,
     )

@@ -17,6 +17,11 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+# The parameters of the local alignment (`local_dim`): trained for grounding maps, not part
+# of the two towers that exports and `--hf` folders hold.
+LOCAL_PARAMS = ("local_head", "image_local_proj", "text_local_proj")
+
+
 class TwoTower(nn.Module):
     """Embeds images and texts into one space of `embed_dim`, L2-normalised.
 
@@ -29,7 +34,10 @@ class TwoTower(nn.Module):
     tower's patch tokens and the text tower's token features into one space of `local_dim`
     for the GLoRIA-style local alignment loss (`jaxmedclip.methods.local_alignment`); the
     model's output then also holds `image_local` [B, P, local_dim] and `text_local`
-    [B, T, local_dim], not normalised (the loss takes cosines).
+    [B, T, local_dim], not normalised (the loss takes cosines). The image side reads the
+    tower's patch tokens, or, given `local_head` (`vit.LocalPatchHead`), that head's
+    features of the images (`local_regions`). With `local_text="sentence"` the text side is
+    the projected pooled feature, `text_local` [B, 1, local_dim] (`local_texts`).
     """
 
     image_tower: nn.Module
@@ -42,6 +50,8 @@ class TwoTower(nn.Module):
     param_dtype: Dtype = jnp.float32
     image_projection: bool = True
     local_dim: int | None = None
+    local_head: nn.Module | None = None
+    local_text: str = "words"
 
     def setup(self):
         self.image_proj = None
@@ -61,6 +71,9 @@ class TwoTower(nn.Module):
             kernel_init=logical(dense_init, ("embed", "proj")),
         )
         self.image_local_proj = self.text_local_proj = None
+        if self.local_text not in ("words", "sentence"):
+            raise ValueError(f"local_text={self.local_text!r} is unknown; choose words or "
+                             "sentence")
         if self.local_dim is not None:
             if self.local_dim <= 0:
                 raise ValueError(f"local_dim={self.local_dim} must be positive (None: off)")
@@ -93,6 +106,26 @@ class TwoTower(nn.Module):
         emb = l2_normalize(self.text_proj(pooled))
         return (emb, features) if return_tokens else emb
 
+    def local_regions(self, images: jax.Array, patches: jax.Array | None = None) -> jax.Array:
+        """[B, P, local_dim] region features of the local alignment (not normalised);
+        `patches`, the tower's patch tokens, when already computed."""
+        if self.local_head is not None:
+            return self.image_local_proj(self.local_head(images))
+        if patches is None:
+            _, patches = self.image_tower(images)
+        return self.image_local_proj(patches)
+
+    def local_texts(self, tokens: jax.Array) -> jax.Array:
+        """[B, T, local_dim] token features (`local_text="words"`) or [B, 1, local_dim]
+        the pooled feature (`"sentence"`) of the local alignment, not normalised."""
+        pooled, features = self.text_tower(tokens)
+        return self._local_text_features(pooled, features)
+
+    def _local_text_features(self, pooled, features):
+        if self.local_text == "sentence":
+            return self.text_local_proj(pooled)[:, None, :]
+        return self.text_local_proj(features)
+
     def temperature(self) -> tuple[jax.Array, jax.Array]:
         """(scale, bias) as used by the losses: scale = min(exp(log_scale), max_scale)."""
         scale = jnp.exp(jnp.minimum(self.log_scale, math.log(self.max_scale)))
@@ -108,12 +141,13 @@ class TwoTower(nn.Module):
                 "bias": bias,
             }
         image_emb, patches = self.encode_image(images, return_tokens=True)
-        text_emb, features = self.encode_text(tokens, return_tokens=True)
+        pooled, features = self.text_tower(tokens)
+        text_emb = l2_normalize(self.text_proj(pooled))
         return {
             "image_emb": image_emb,
             "text_emb": text_emb,
-            "image_local": self.image_local_proj(patches),
-            "text_local": self.text_local_proj(features),
+            "image_local": self.local_regions(images, patches),
+            "text_local": self._local_text_features(pooled, features),
             "scale": scale,
             "bias": bias,
         }

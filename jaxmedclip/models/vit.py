@@ -7,7 +7,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxmedclip import config_schema
-from jaxmedclip.models.layers import Attention, Dtype, Encoder, Mlp, embed_init, layer_norm, logical
+from jaxmedclip.models.layers import (
+    Attention,
+    Dtype,
+    Encoder,
+    Mlp,
+    dense_init,
+    embed_init,
+    layer_norm,
+    logical,
+)
 
 POOLS = config_schema.IMAGE_POOLS
 PATCH_EMBEDS = config_schema.PATCH_EMBEDS
@@ -66,6 +75,53 @@ class PatchEmbed(nn.Module):
         patches = images.reshape(batch, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, gh, gw, p * p * channels)
         return patches @ kernel.reshape(p * p * channels, self.width) + bias
+
+
+class LocalPatchHead(nn.Module):
+    """Region features with a bounded receptive field: [batch, height, width, c] images ->
+    [batch, num_patches, width], one feature per p x p patch (row-major, as the ViT's
+    patch tokens).
+
+    Its own patch embedding and learned positions, then `depth` pre-norm residual blocks
+    x + Dense(gelu(Conv_k(LayerNorm(x)))) over the patch grid, then a LayerNorm. A feature
+    sees 1 + depth * (kernel - 1) patches a side and nothing else, unlike a transformer's
+    patch tokens, which attend to the whole image (and, trained only through a pooled
+    vector, say little about where a finding lies). GLoRIA reads its region features off an
+    intermediate CNN stage for the same reason.
+    """
+
+    patch_size: int
+    width: int
+    depth: int = 2
+    kernel: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    image_mean: float = 0.0
+    image_std: float = 1.0
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        images = normalize_pixels(images, self.image_mean, self.image_std, self.dtype)
+        x = PatchEmbed(self.patch_size, self.width, "dense", self.dtype, self.param_dtype,
+                       name="patch_embed")(images)
+        batch, gh, gw, _ = x.shape
+        pos = self.param("pos_embed", logical(embed_init, (None, None, None, "embed")),
+                         (1, gh, gw, self.width), self.param_dtype)
+        x = x + pos.astype(self.dtype)
+        for i in range(self.depth):
+            y = layer_norm(self.dtype, self.param_dtype, f"norm_{i}")(x)
+            y = nn.Conv(self.width, (self.kernel, self.kernel), padding="SAME",
+                        dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=logical(dense_init, ("conv_height", "conv_width",
+                                                         "channels", "mlp")),
+                        bias_init=logical(nn.initializers.zeros, ("mlp",)),
+                        name=f"conv_{i}")(y)
+            x = x + nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=logical(dense_init, ("mlp", "embed")),
+                             bias_init=logical(nn.initializers.zeros, ("embed",)),
+                             name=f"out_{i}")(nn.gelu(y))
+        x = layer_norm(self.dtype, self.param_dtype, "norm")(x)
+        return x.reshape(batch, gh * gw, self.width)
 
 
 class AttentionPool(nn.Module):

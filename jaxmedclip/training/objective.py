@@ -9,13 +9,16 @@ alignment loss (`jaxmedclip.methods.local_alignment`):
 `loss.local` fields: weight (default 1.0; 0 turns the term off), max_words (words per
 text kept by sub-word pooling; default None: the text length), t1, t2, t3, impl
 (default: `loss.impl`), i2t_weight, t2i_weight. The term needs the model's local
-projections (`model.local_dim`) and the tokenizer's word-start table (`word_starts`).
+projections (`model.local_dim`) and, when it aligns words (`model.local_text="words"`),
+the tokenizer's word-start table (`word_starts`); with `model.local_text="sentence"` each
+text's pooled feature is its one "word".
 
 When `config.loss.multiview` is set (CXR-CLIP), the towers also embed the batch's second
 images and texts (`image2`, `tokens2`, from the input pipeline's `data.multiview`) and
 the global loss is replaced by the multi-view combination of
 `jaxmedclip.methods.multiview` (image-text over the 2x2 pairs, image-image, text-text).
-It is not combined with `loss.local`.
+With `loss.local` too, the local term reads the first view and the first text (the plain
+CLIP pair).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class LocalTerm:
     weight: float
     max_words: int | None
     loss_kwargs: dict[str, Any]  # For `local_alignment.local_alignment_loss`.
-    word_starts: np.ndarray  # bool [vocab]: does token id i start a word?
+    word_starts: np.ndarray | None  # bool [vocab]: does token id i start a word?
+    sentence: bool = False  # model.local_text == "sentence": one feature per text.
 
     @classmethod
     def from_config(
@@ -73,6 +77,8 @@ class LocalTerm:
                 "loss.local (the local alignment loss) needs the model's local projections of "
                 "patch tokens and token features: set model.local_dim (e.g. 128)"
             )
+        if getattr(model, "local_text", "words") == "sentence":
+            return cls(weight, None, kwargs, None, sentence=True)
         if word_starts is None:
             raise ValueError(
                 "loss.local (the local alignment loss) needs the tokenizer's word-start "
@@ -89,9 +95,12 @@ class LocalTerm:
     def loss(self, image_local, text_local, batch, mesh):
         """(local loss, metrics) over the global batch; texts without words are left out,
         and so are examples without an image or a text (`image_mask`, `text_mask`)."""
-        words, word_mask = local_alignment.merge_subwords(
-            text_local, batch["tokens"], self.word_starts, max_words=self.max_words
-        )
+        if self.sentence:  # [B, 1, D]: the pooled feature is the text's one "word".
+            words, word_mask = text_local, jnp.ones(text_local.shape[:2], bool)
+        else:
+            words, word_mask = local_alignment.merge_subwords(
+                text_local, batch["tokens"], self.word_starts, max_words=self.max_words
+            )
         mask = jnp.any(word_mask, axis=1)
         for name in ("mask", "image_mask", "text_mask"):
             if name in batch:
@@ -107,19 +116,12 @@ def multiview_enabled(loss_config: ml_collections.ConfigDict | None) -> bool:
     return loss_config is not None and loss_config.get("multiview") is not None
 
 
-def check_multiview(loss_config, local: LocalTerm | None, microbatch_size) -> bool:
+def check_multiview(loss_config, microbatch_size) -> bool:
     """Whether the multi-view objective is on, once its settings are known to fit."""
     if not multiview_enabled(loss_config):
         return False
     multiview.MultiviewSpec.from_config(loss_config.multiview)
-    if local is not None:
-        raise ValueError(
-            "loss.multiview and loss.local are not supported together (the local term "
-            "would need a choice of view and text); switch one of them off"
-        )
     return True
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +139,7 @@ class Objective:
     def from_config(cls, model: nn.Module, loss_config: ml_collections.ConfigDict, mesh: Mesh,
                     *, word_starts: Any = None, microbatch_size: Any = None) -> Objective:
         local = LocalTerm.from_config(loss_config, word_starts, model)
-        with_views = check_multiview(loss_config, local, microbatch_size)
+        with_views = check_multiview(loss_config, microbatch_size)
         return cls(model, loss_config, losses.LossSpec.from_config(loss_config), mesh, local,
                    with_views)
 

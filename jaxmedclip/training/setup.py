@@ -100,6 +100,12 @@ def local_loss_enabled(config: ml_collections.ConfigDict) -> bool:
     return local is not None and local.weight > 0
 
 
+def needs_word_starts(config: ml_collections.ConfigDict) -> bool:
+    """Whether the local term aligns words (it then needs the tokenizer's word starts);
+    with `model.local_text="sentence"` it reads one pooled feature per text."""
+    return local_loss_enabled(config) and config.model.get("local_text", "words") != "sentence"
+
+
 def check_tokenizer_fits(config: ml_collections.ConfigDict, num_pieces: int) -> None:
     """Token ids index the text tower's embedding table of `data.vocab_size` rows."""
     if num_pieces > config.data.vocab_size:
@@ -112,8 +118,8 @@ def check_tokenizer_fits(config: ml_collections.ConfigDict, num_pieces: int) -> 
 def word_starts_of(config: ml_collections.ConfigDict, pieces: Sequence[str] | None
                    ) -> np.ndarray | None:
     """`loss.local`'s word-start table (bool [data.vocab_size]) from the tokenizer's
-    pieces, an all-True stand-in without them, or None when the local loss is off."""
-    if not local_loss_enabled(config):
+    pieces, an all-True stand-in without them, or None when no local term aligns words."""
+    if not needs_word_starts(config):
         return None
     if pieces is None:
         return np.ones(config.data.vocab_size, bool)
@@ -127,7 +133,7 @@ def with_tokenizer(setup: Setup, config: ml_collections.ConfigDict,
                    pieces: Sequence[str]) -> Setup:
     """`setup` for training with the tokenizer whose pieces are given: the train step is
     rebuilt with the real word starts when `loss.local` needs them, else unchanged."""
-    if setup.word_starts_from_tokenizer or not local_loss_enabled(config):
+    if setup.word_starts_from_tokenizer or not needs_word_starts(config):
         return setup
     word_starts = word_starts_of(config, pieces)
     train_step = _train_step(config, setup.model, setup.tx, setup.train_step.schedule,
