@@ -101,17 +101,20 @@ def add_grounding_term(config, weight: float) -> None:
     The transformer's patch tokens all see the whole image, so their similarity to a phrase
     does not say where its finding is (test pointing game 0.09, below the 0.46 of a map
     that knows only where each finding usually lies). Here a head of its own turns each
-    8 x 8 patch (and its position) into a region feature that sees nothing else
-    (`local_head_kernel=1`), and each text pools the regions of every image of the batch by
-    its attention, softmax_p(t1 * cos(region, text)) (`local_text="sentence"`), contrasted
-    like the global loss: a finding's text can only match an image through the patches that
-    show it. A sharp t1 (10; GLoRIA's 4 spreads the attention) makes that a soft maximum.
+    8 x 8 window (every 4 pixels, with its position) into two region features: one that
+    sees nothing else (kernel 1) and one that also sees the neighbouring windows (kernel
+    3: 16 pixels); each text pools the regions of every image of the batch by its
+    attention, softmax_p(t1 * cos(region, text)) (`local_text="sentence"`), contrasted
+    like the global loss: a finding's text can only match an image through the windows
+    that show it. A sharp t1 (10; GLoRIA's 4 spreads the attention) makes that a soft
+    maximum. The variants measured: docs/applications.md "Grounding".
     """
     config.model.local_dim = 64
     config.model.local_source = "patches"
     config.model.local_text = "sentence"
-    config.model.local_head_kernel = 1
-    config.model.local_head_depth = 2
+    config.model.local_head_stride = 4
+    config.model.local_head_kernels = (1, 3)
+    config.model.local_head_depth = 1
     config.loss.local = ml_collections.ConfigDict(dict(weight=weight, t1=10.0, t3=10.0))
 
 

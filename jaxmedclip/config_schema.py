@@ -221,16 +221,20 @@ FIELDS: dict[str, Any] = dict(
         local_dim=_f(None, INT),  # The GLoRIA local projection; None: off.
         # The region features the local projection reads (LOCAL_SOURCES): "tokens", the
         # image tower's last-layer patch tokens; "patches", a head of its own over the patch
-        # grid (its own patch embedding and positions, then `local_head_depth` residual
-        # convolutions of `local_head_kernel` patches), whose receptive field is bounded
-        # (1 + depth * (kernel - 1) of its patches a side) so that a region's feature describes
-        # that region: what grounding maps need.
+        # grid (`vit.LocalPatchHead`: its own window embedding and positions, then per
+        # kernel of `local_head_kernels` a branch of `local_head_depth` residual
+        # convolutions), whose receptive field is bounded (1 + depth * (kernel - 1)
+        # windows a side) so that a region's feature describes that region: what
+        # grounding maps need.
         local_source=_f("tokens", choices=LOCAL_SOURCES),
         local_text=_f("words", choices=LOCAL_TEXTS),
         local_head_width=_f(None, INT),  # None: model.image.width.
-        local_head_patch_size=_f(None, INT),  # None: model.image.patch_size.
-        local_head_depth=_f(2),
-        local_head_kernel=_f(3),
+        # The head's windows (model.image.patch_size wide) start every `local_head_stride`
+        # pixels (None: the patch size, no overlap); a smaller stride gives finer maps.
+        local_head_stride=_f(None, INT),
+        local_head_depth=_f(1),
+        # One branch of the head per kernel size (features at several scales per window).
+        local_head_kernels=_f((1,), *SEQ),
         image=_tower(name=_f("vit", choices=("vit",)), patch_size=_f(REQUIRED, INT),
                      pool=_f("cls", choices=IMAGE_POOLS), num_channels=_f(1),
                      pre_norm=_f(False), patch_embed=_f("dense", choices=PATCH_EMBEDS)),

@@ -195,28 +195,39 @@ def test_word_attention_maps_average_each_words_attention(tiny_model):
     np.testing.assert_allclose(maps, _upsample(np.stack(low), 32), atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel,depth", [(1, 2), (3, 1)])
-def test_local_patch_head_sees_only_its_receptive_field(kernel, depth):
-    """Changing the pixels of one patch changes the region features of the patches within
-    (kernel - 1) / 2 * depth patches of it, and no others."""
-    head = models.vit.LocalPatchHead(patch_size=4, width=8, depth=depth, kernel=kernel)
+@pytest.mark.parametrize("kernels,depth,stride", [((1,), 2, 4), ((3,), 1, 4), ((1,), 1, 2),
+                                                  ((1, 3), 1, 2)])
+def test_local_patch_head_sees_only_its_receptive_field(kernels, depth, stride):
+    """Changing the pixels of one 4 x 4 patch changes, in each branch, the region features
+    of the windows that overlap it and of those within (kernel - 1) / 2 * depth cells of
+    them, no others; overlapping windows (stride 2) are centred on their cells."""
+    head = models.vit.LocalPatchHead(patch_size=4, width=8, depth=depth, kernels=kernels,
+                                     stride=stride)
     images = np.random.default_rng(0).normal(size=(2, 24, 24, 1)).astype(np.float32)
     params = jax.jit(head.init)(jax.random.key(0), images)
     changed = images.copy()
-    changed[:, 8:12, 12:16] += 1.0  # Patch (row 2, column 3) of the 6 x 6 grid.
+    changed[:, 8:12, 12:16] += 1.0
     before, after = (np.asarray(jax.jit(head.apply)(params, x)) for x in (images, changed))
-    assert before.shape == (2, 36, 8)
-    moved = np.abs(after - before).max(axis=(0, 2)).reshape(6, 6) > 1e-6
-    reach = (kernel - 1) // 2 * depth
-    rows, cols = np.mgrid[:6, :6]
-    np.testing.assert_array_equal(moved, (abs(rows - 2) <= reach) & (abs(cols - 3) <= reach))
+    grid = 24 // stride
+    assert before.shape == (2, len(kernels) * grid * grid, 8)
+    moved = np.abs(after - before).max(axis=(0, 2)).reshape(len(kernels), grid, grid) > 1e-6
+    starts = np.arange(grid) * stride - (4 - stride) // 2  # Window i: [start, start + 4).
+    np.testing.assert_array_equal(starts + 2, (np.arange(grid) + 0.5) * stride)  # Centred.
+    rows_hit = np.flatnonzero((starts < 12) & (starts + 4 > 8))
+    cols_hit = np.flatnonzero((starts < 16) & (starts + 4 > 12))
+    rows, cols = np.mgrid[:grid, :grid]
+    for branch, kernel in enumerate(kernels):
+        reach = (kernel - 1) // 2 * depth
+        near = lambda i, hit, reach=reach: (i >= hit.min() - reach) & (i <= hit.max() + reach)
+        np.testing.assert_array_equal(moved[branch], near(rows, rows_hit) & near(cols, cols_hit))
 
 
 @pytest.fixture(scope="module")
 def sentence_model():
     """A random tiny model whose local alignment reads a patch head and pooled texts."""
     return _tiny_model(**{"model.local_dim": 8, "model.local_source": "patches",
-                          "model.local_text": "sentence", "model.local_head_kernel": 1})
+                          "model.local_text": "sentence", "model.local_head_kernels": (1, 3),
+                          "model.local_head_stride": 4})
 
 
 def test_sentence_attention_maps_are_each_phrases_attention_over_patches(sentence_model):
@@ -237,7 +248,10 @@ def test_sentence_attention_maps_are_each_phrases_attention_over_patches(sentenc
         {"params": p}, images, phrases, method=local_features))(params)
     unit = lambda x: np.asarray(x) / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
     attention = np.exp(10 * np.einsum("qd,npd->nqp", unit(texts), unit(regions)))
-    attention /= attention.sum(-1, keepdims=True)
+    attention /= attention.sum(-1, keepdims=True)  # Over both branches' regions...
+    attention = attention.reshape(*attention.shape[:2], 2, -1).sum(2)  # ...summed per place.
+    grid = images.shape[1] // 4
+    assert regions.shape[1] == 2 * grid * grid
     low = np.stack([sum(w * attention[n, q] for q, w in zip(index[n], weights[n], strict=True))
                     for n in range(len(images))])
     np.testing.assert_allclose(maps, _upsample(low, images.shape[1]), atol=1e-5)

@@ -180,7 +180,8 @@ def test_local_loss_train_step_equals_dense_reference(setup, impl):
 def sentence_setup():
     """`setup` with the Quickstart's grounding term: a one-patch head, pooled texts."""
     config = _small_config("all_gather")
-    config.model.update(local_source="patches", local_text="sentence", local_head_kernel=1)
+    config.model.update(local_source="patches", local_text="sentence",
+                        local_head_kernels=(1, 3), local_head_stride=2)
     return Setup(config)
 
 

@@ -12,9 +12,11 @@ size S x S:
   (`methods.local_alignment`'s step 1).
 - `sentence_attention` (the local loss with `model.local_text="sentence"`): the same
   attention of the phrase's one pooled feature over the region features. With
-  `model.local_source="patches"` those come from a head whose receptive field is one
-  patch (`model.local_head_kernel=1`) or a few, not from the transformer's tokens: the
-  map then says where the phrase's finding is, not what the whole image holds.
+  `model.local_source="patches"` those come from a head whose receptive field is a window
+  or a few (`vit.LocalPatchHead`), not from the transformer's tokens: the map then says
+  where the phrase's finding is, not what the whole image holds. A head with several
+  branches (`model.local_head_kernels`) has a region per branch and window; a window's
+  value is the sum of its branches' attention.
 A finding's map is the mean of the maps of its positive zero-shot prompts
 (`eval.prompts`), as its zero-shot score uses their mean embedding.
 
@@ -106,6 +108,8 @@ class Grounder:
                              "(model.local_dim)")
         self.model, self.mesh, self.rules, self.kind = model, mesh, rules, kind
         replicated = NamedSharding(mesh, P())
+        head = getattr(model, "local_head", None)
+        branches = len(head.kernels) if kind != "patch_similarity" and head is not None else 1
 
         def text_side(params, tokens):
             if kind == "patch_similarity":
@@ -135,7 +139,10 @@ class Grounder:
                         / jnp.maximum(jnp.sum(mask, axis=2), 1.0))
 
             per_phrase = model.apply({"params": params}, images, method=patch_maps)
+            # A multi-scale head's regions: branch-major, one grid per branch; a place's
+            # value is the sum over the branches (of the attention that falls there).
             low = jnp.einsum("bkp,bk->bp", per_phrase, weights)
+            low = low.reshape(low.shape[0], branches, -1).sum(axis=1)
             grid = math.isqrt(low.shape[1])
             low = low.reshape(low.shape[0], grid, grid)
             size = images.shape[1]
@@ -374,7 +381,7 @@ def patch_grid(config) -> int:
     them (`model.local_source="patches"`), else the image tower's."""
     patch = config.model.image.patch_size
     if map_kind(config) != "patch_similarity" and config.model.get("local_source") == "patches":
-        patch = config.model.get("local_head_patch_size") or patch
+        patch = config.model.get("local_head_stride") or patch
     return config.data.image_size // patch
 
 

@@ -111,19 +111,22 @@ def build_model(
     )
     local_head = None
     if model_config.local_dim is not None and model_config.local_source == "patches":
-        if model_config.local_head_depth < 0 or model_config.local_head_kernel < 1:
+        kernels = tuple(int(k) for k in model_config.local_head_kernels)
+        if model_config.local_head_depth < 0 or not kernels or min(kernels) < 1:
             raise ValueError(
                 f"model.local_head_depth ({model_config.local_head_depth}) must be >= 0 and "
-                f"model.local_head_kernel ({model_config.local_head_kernel}) >= 1")
-        head_patch = model_config.local_head_patch_size or patch
-        if size % head_patch:
-            raise ValueError(f"data.image_size={size} is not divisible by "
-                             f"model.local_head_patch_size={head_patch}")
+                f"model.local_head_kernels ({model_config.local_head_kernels}) a non-empty "
+                "list of sizes >= 1")
+        stride = model_config.local_head_stride or patch
+        if not 1 <= stride <= patch or size % stride:
+            raise ValueError(f"model.local_head_stride={stride} must be in [1, "
+                             f"model.image.patch_size={patch}] and divide data.image_size={size}")
         local_head = LocalPatchHead(
-            patch_size=head_patch,
+            patch_size=patch,
+            stride=stride,
             width=model_config.local_head_width or image_cfg.width,
             depth=model_config.local_head_depth,
-            kernel=model_config.local_head_kernel,
+            kernels=kernels,
             dtype=dtype,
             param_dtype=param_dtype,
             image_mean=image_tower.image_mean,

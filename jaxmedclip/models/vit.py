@@ -79,21 +79,28 @@ class PatchEmbed(nn.Module):
 
 class LocalPatchHead(nn.Module):
     """Region features with a bounded receptive field: [batch, height, width, c] images ->
-    [batch, num_patches, width], one feature per p x p patch (row-major, as the ViT's
-    patch tokens).
+    [batch, len(kernels) * G, width], G = (height / stride) * (width / stride) windows of
+    p x p pixels every `stride` pixels (row-major; stride = p: the ViT's patches), one
+    feature per window and branch (branch-major).
 
-    Its own patch embedding and learned positions, then `depth` pre-norm residual blocks
-    x + Dense(gelu(Conv_k(LayerNorm(x)))) over the patch grid, then a LayerNorm. A feature
-    sees 1 + depth * (kernel - 1) patches a side and nothing else, unlike a transformer's
-    patch tokens, which attend to the whole image (and, trained only through a pooled
-    vector, say little about where a finding lies). GLoRIA reads its region features off an
-    intermediate CNN stage for the same reason.
+    A window embedding of its own (a p x p convolution of that stride, "SAME" padding, so
+    that window i is centred on the centre of the i-th stride x stride cell, as bilinear
+    upsampling of the grid assumes) and learned positions, shared by the branches; branch
+    b is `depth` pre-norm residual blocks x + Dense(gelu(Conv_k(LayerNorm(x)))) over the
+    window grid with k = kernels[b], then a LayerNorm. A feature of branch b sees
+    1 + depth * (k - 1) windows a side and nothing else, unlike a transformer's patch
+    tokens, which attend to the whole image (and, trained only through a pooled vector,
+    say little about where a finding lies; GLoRIA reads its regions off an intermediate
+    CNN stage for the same reason). Several kernels give each window features at several
+    scales: a small finding is best told by its window alone, one whose texture only
+    differs from its surroundings with some context.
     """
 
     patch_size: int
     width: int
-    depth: int = 2
-    kernel: int = 3
+    depth: int = 1
+    kernels: tuple[int, ...] = (1,)
+    stride: int | None = None  # None: patch_size.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     image_mean: float = 0.0
@@ -102,26 +109,40 @@ class LocalPatchHead(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         images = normalize_pixels(images, self.image_mean, self.image_std, self.dtype)
-        x = PatchEmbed(self.patch_size, self.width, "dense", self.dtype, self.param_dtype,
-                       name="patch_embed")(images)
+        stride = self.stride or self.patch_size
+        if stride == self.patch_size:
+            x = PatchEmbed(self.patch_size, self.width, "dense", self.dtype, self.param_dtype,
+                           name="patch_embed")(images)
+        else:
+            x = nn.Conv(self.width, (self.patch_size, self.patch_size), (stride, stride),
+                        padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=logical(nn.initializers.lecun_normal(),
+                                            ("conv_height", "conv_width", "channels",
+                                             "embed")),
+                        bias_init=logical(nn.initializers.zeros, ("embed",)),
+                        name="patch_embed")(images)
         batch, gh, gw, _ = x.shape
         pos = self.param("pos_embed", logical(embed_init, (None, None, None, "embed")),
                          (1, gh, gw, self.width), self.param_dtype)
         x = x + pos.astype(self.dtype)
-        for i in range(self.depth):
-            y = layer_norm(self.dtype, self.param_dtype, f"norm_{i}")(x)
-            y = nn.Conv(self.width, (self.kernel, self.kernel), padding="SAME",
-                        dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=logical(dense_init, ("conv_height", "conv_width",
-                                                         "channels", "mlp")),
-                        bias_init=logical(nn.initializers.zeros, ("mlp",)),
-                        name=f"conv_{i}")(y)
-            x = x + nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=logical(dense_init, ("mlp", "embed")),
-                             bias_init=logical(nn.initializers.zeros, ("embed",)),
-                             name=f"out_{i}")(nn.gelu(y))
-        x = layer_norm(self.dtype, self.param_dtype, "norm")(x)
-        return x.reshape(batch, gh * gw, self.width)
+        branches = []
+        for b, kernel in enumerate(self.kernels):
+            y = x
+            for i in range(self.depth):
+                h = layer_norm(self.dtype, self.param_dtype, f"norm_{b}_{i}")(y)
+                h = nn.Conv(self.width, (kernel, kernel), padding="SAME",
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=logical(dense_init, ("conv_height", "conv_width",
+                                                             "channels", "mlp")),
+                            bias_init=logical(nn.initializers.zeros, ("mlp",)),
+                            name=f"conv_{b}_{i}")(h)
+                y = y + nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=logical(dense_init, ("mlp", "embed")),
+                                 bias_init=logical(nn.initializers.zeros, ("embed",)),
+                                 name=f"out_{b}_{i}")(nn.gelu(h))
+            y = layer_norm(self.dtype, self.param_dtype, f"norm_{b}")(y)
+            branches.append(y.reshape(batch, gh * gw, self.width))
+        return jnp.concatenate(branches, axis=1)
 
 
 class AttentionPool(nn.Module):
