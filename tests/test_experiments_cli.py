@@ -57,18 +57,21 @@ def assert_loss_falls(records):
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
 
 
-# Slow (run by `pytest -m slow`): tiny_synthetic's default (CXR-CLIP) recipe, which is
-# cxrclip_synthetic.py plus two settings (the file's own run, streamed, is in the default
-# suite), vit_b16 at runlocal size (its config is checked by test_config.py) and MedCLIP
-# (its text-only rows and soft targets: test_label_prompts.py, test_methods_training.py).
-SLOW = ("quickstart_cxrclip", "vit_b16", "medclip_text_only")
+# The default suite runs tiny_synthetic's default recipe (the Quickstart's: CXR-CLIP's
+# multi-view terms and the grounding term) streamed in micro-batches, and GLoRIA's words.
+# Slow (run by `pytest -m slow`): cxrclip_synthetic.py (the Quickstart's recipe without
+# two settings), the plain runlocal config with the tiled ring loss (the shared trained
+# fixture runs that config through main untiled), vit_b16 at runlocal size (its config is
+# checked by test_config.py) and MedCLIP (its text-only rows and soft targets:
+# test_label_prompts.py, test_methods_training.py).
+SLOW = ("clip", "cxrclip", "vit_b16", "medclip_text_only")
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
                                   if name in SLOW else name for name in EXPERIMENTS])
 def test_experiment_trains_through_main(name, data_dir, tmp_path):
     spec = EXPERIMENTS[name]
-    flags = {"clip": TILED, "cxrclip": STREAMED}.get(name, [])
+    flags = {"clip": TILED, "cxrclip": STREAMED, "quickstart_cxrclip": STREAMED}.get(name, [])
     result, records = run_main(spec, data_dir, str(tmp_path), "--config.total_steps=12", *flags)
     assert [r["step"] for r in records] == list(range(1, 13))
     assert_loss_falls(records)
@@ -109,7 +112,7 @@ def test_experiment_trains_through_main(name, data_dir, tmp_path):
                 + weights.image_image_weight * r["loss_image_image"]
                 + weights.text_text_weight * r["loss_text_text"], rtol=1e-5)
             assert r["acc_i2t"] == r["image1_text1/acc_i2t"]
-        if name == "cxrclip":
+        if name in ("quickstart_cxrclip", "cxrclip"):
             assert setup.train_step.num_micro == 4
             assert all(r["data_wait_s"] > 0 for r in records)
     elif name == "medclip_text_only":

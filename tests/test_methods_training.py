@@ -185,7 +185,7 @@ def sentence_setup():
     return Setup(config)
 
 
-@pytest.mark.parametrize("impl", ["all_gather", "ring"])
+@pytest.mark.parametrize("impl", ["all_gather", pytest.param("ring", marks=pytest.mark.slow)])
 def test_sentence_local_term_train_step_equals_dense_reference(sentence_setup, impl):
     """The attention-pooled term over the patch head: one sharded SGD step = the dense
     reference's gradients; no word-start table is needed."""
@@ -203,8 +203,10 @@ def test_sentence_local_term_train_step_equals_dense_reference(sentence_setup, i
     np.testing.assert_allclose(float(metrics["loss/local"]), local_loss, rtol=1e-5, atol=1e-5)
     step_grads = jax.tree.map(lambda p, q: p - q, setup.params, jax.device_get(new_state.params))
     _assert_trees_close(step_grads, grads)
-    # The head learns from the local term only; the image tower from the global loss only.
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads["local_head"])) > 1e-4
+    if impl == "all_gather":
+        return
+    # The head learns from the local term only; the image tower from the global loss only.
     _, _, _, global_grads = _dense_reference(
         setup.model, config_lib.apply_overrides(setup.config, ["loss.local.weight=0.0"]),
         setup.params, setup.host_batch, setup.word_starts)
