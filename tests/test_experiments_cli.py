@@ -61,9 +61,9 @@ def assert_loss_falls(records):
 # multi-view terms and the grounding term) streamed in micro-batches, and GLoRIA's words.
 # Slow (run by `pytest -m slow`): cxrclip_synthetic.py (the Quickstart's recipe without
 # two settings), the plain runlocal config with the tiled ring loss (the shared trained
-# fixture, conftest.tiny_run, runs a smaller runlocal config through main), vit_b16 at runlocal size (its config is
-# checked by test_config.py) and MedCLIP (its text-only rows and soft targets:
-# test_label_prompts.py, test_methods_training.py).
+# fixture, conftest.tiny_run, runs a smaller runlocal config through main), vit_b16 at
+# runlocal size (its config is checked by test_config.py) and MedCLIP (its text-only rows
+# and soft targets: test_label_prompts.py, test_methods_training.py).
 SLOW = ("clip", "cxrclip", "vit_b16", "medclip_text_only")
 
 
