@@ -342,6 +342,17 @@ def test_ground_draws_overlays_and_names_unreadable_images(tiny_run, tmp_path):
                      "--image", str(tmp_path / "missing.dcm"), "--out", str(out)])
 
 
+def test_ground_refuses_local_maps_from_an_export(tmp_path):
+    """Exports hold no local parameters: a local-term config with --hf stops before any
+    loading, naming the two ways out."""
+    with pytest.raises(SystemExit, match=r"sentence attention maps .* exports do not hold: "
+                                         r"ground from the checkpoint \(--workdir\), or add "
+                                         r"--config.loss.local.weight=0"):
+        ground.main(["--config", "experiments/tiny_synthetic.py", "--hf", str(tmp_path),
+                     "--phrase", "x", "--image", str(tmp_path / "x.png"),
+                     "--out", str(tmp_path / "m.png")])
+
+
 def test_ground_scores_a_phrase_box_csv(tiny_run, tmp_path):
     experiment, workdir = tiny_run
     images = tmp_path / "images"
