@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cpu_devices", type=int, default=8)
     args, overrides = parser.parse_known_args(argv)
     config_lib.add_cpu_devices(args.cpu_devices)
-    from jaxmedclip import evaluation, parallel, predict, training
+    from jaxmedclip import evaluation, predict, training
     from jaxmedclip.evaluation import grounding
 
     config = config_lib.config_from_flags(args.config, overrides)
@@ -83,20 +83,15 @@ def main(argv=None) -> dict:
     cfg = evaluation.eval_config(config)
     builder, _ = training.prepare_data(config.data)
     findings = tuple(cfg.grounding_findings)
-    cases = grounding.synthetic_cases(builder, args.split, config.data, findings)
-    grounder = grounding.grounder_for(config, model.setup.model, model.setup.mesh,
-                                      parallel.logical_rules(config), model.tokenizer)
-    phrases, index, weights = grounding.phrase_table(grounding.finding_prompts(cfg, findings),
-                                                     cases.findings)
-    maps = grounder.maps(model.params, cases.images[cases.image_index],
-                         model.tokenizer.encode_batch(phrases), index, weights,
-                         batch_size=cfg.batch_size)
+    result = grounding.finding_maps(cfg, config, model.setup.model, model.params,
+                                    model.setup.mesh, builder, model.tokenizer, args.split)
+    cases, maps = result.cases, result.maps
     distance = peak_distances(maps, cases.regions)
     names, views = np.asarray(cases.findings), np.asarray(cases.views)
-    print(f"{grounder.kind.replace('_', ' ')} maps of {model.name}, split {args.split!r}")
+    print(f"{result.kind.replace('_', ' ')} maps of {model.name}, split {args.split!r}")
     print(f"  {'finding':<18} {'n':>4} {'pointing':>9} {'<=4 px':>7} {'<=8 px':>7} "
           f"{'frontal':>8} {'lateral':>8}")
-    result = {}
+    rows = {}
     for finding in findings:
         d, lateral = distance[names == finding], views[names == finding] == "LATERAL"
         if not len(d):
@@ -105,17 +100,17 @@ def main(argv=None) -> dict:
                "within_4px": float(np.mean(d <= 4)), "within_8px": float(np.mean(d <= 8)),
                "frontal": float(np.mean(d[~lateral] == 0)) if (~lateral).any() else None,
                "lateral": float(np.mean(d[lateral] == 0)) if lateral.any() else None}
-        result[finding] = row
+        rows[finding] = row
         fmt = lambda v: "-" if v is None else f"{v:.3f}"
         print(f"  {finding:<18} {row['n']:>4} {fmt(row['pointing_game']):>9} "
               f"{fmt(row['within_4px']):>7} {fmt(row['within_8px']):>7} "
               f"{fmt(row['frontal']):>8} {fmt(row['lateral']):>8}")
-    mean = float(np.mean([r["pointing_game"] for r in result.values()]))
+    mean = float(np.mean([r["pointing_game"] for r in rows.values()]))
     print(f"  {'mean':<18} {'':>4} {mean:>9.3f}")
     if args.out:
         picture(args.out, cases, maps, findings)
         print(f"wrote {args.out}")
-    return result
+    return rows
 
 
 if __name__ == "__main__":

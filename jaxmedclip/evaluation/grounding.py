@@ -96,16 +96,15 @@ class Grounder:
                  starts_word: np.ndarray | None = None, t1: float = 4.0):
         if kind not in MAP_KINDS:
             raise ValueError(f"map kind {kind!r} is unknown; choose one of {MAP_KINDS}")
-        sentence = getattr(model, "local_text", "words") == "sentence"
-        if kind != "patch_similarity" and (sentence != (kind == "sentence_attention")):
-            raise ValueError(f"{kind} maps need a model whose local_text is "
-                             f"{'sentence' if kind == 'sentence_attention' else 'words'}")
-        if kind == "word_attention" and (model.local_dim is None or starts_word is None):
-            raise ValueError("word_attention maps need the model's local projections "
-                             "(model.local_dim) and the tokenizer's word-start table")
-        if kind == "sentence_attention" and model.local_dim is None:
-            raise ValueError("sentence_attention maps need the model's local projections "
-                             "(model.local_dim)")
+        sentence = kind == "sentence_attention"
+        if kind != "patch_similarity":
+            local_text = "sentence" if sentence else "words"
+            if getattr(model, "local_text", "words") != local_text:
+                raise ValueError(f"{kind} maps need a model whose local_text is {local_text}")
+            if model.local_dim is None or (starts_word is None and not sentence):
+                raise ValueError(f"{kind} maps need the model's local projections "
+                                 "(model.local_dim)" + ("" if sentence else
+                                                        " and the tokenizer's word-start table"))
         self.model, self.mesh, self.rules, self.kind = model, mesh, rules, kind
         replicated = NamedSharding(mesh, P())
         head = getattr(model, "local_head", None)
@@ -116,10 +115,8 @@ class Grounder:
                 return model.apply({"params": params}, tokens, method="encode_text"), None
 
             def words(module, tokens):
-                features = module.local_texts(tokens)
-                if module.local_text == "sentence":
-                    return features, jnp.ones(features.shape[:2], bool)
-                return local_alignment.merge_subwords(features, tokens, starts_word)
+                return local_alignment.text_words(module.local_texts(tokens), tokens,
+                                                  starts_word, sentence=sentence)
 
             return model.apply({"params": params}, tokens, method=words)
 
@@ -393,6 +390,31 @@ def grounding_report(cfg, config, model, params, mesh, builder, tokenizer, split
         log.info("grounding skipped: the records of %s hold no finding regions", builder.name)
         return None
     findings = tuple(cfg.grounding_findings)
+    result = finding_maps(cfg, config, model, params, mesh, builder, tokenizer, split)
+    cases = result.cases
+    out = metrics_by_group(result.maps, cases.regions, cases.findings, grid=patch_grid(config))
+    for finding in findings:  # Findings without a positive image with a region.
+        out["per_finding"].setdefault(finding, {"n": 0})
+    out["per_finding"] = {f: out["per_finding"][f] for f in findings}
+    return {"map": result.kind, "num_images": int(len(cases.images)), **out,
+            "prompts": {f: list(p) for f, p in result.prompts.items()}}
+
+
+class FindingMaps(NamedTuple):
+    """The scored cases of a split and their maps (`finding_maps`)."""
+
+    cases: RegionCases
+    maps: np.ndarray  # float32 [N, S, S]: case n's finding's map over its image.
+    kind: str  # The map kind (MAP_KINDS).
+    prompts: dict[str, tuple[str, ...]]  # Each finding's phrases.
+
+
+def finding_maps(cfg, config, model, params, mesh, builder, tokenizer, split: str
+                 ) -> FindingMaps:
+    """Each (image, finding) case of `split` (`synthetic_cases` of
+    `cfg.grounding_findings`) with its finding's map: the mean of the maps of its positive
+    zero-shot prompts. `cfg` is the `eval_config`."""
+    findings = tuple(cfg.grounding_findings)
     cases = synthetic_cases(builder, split, config.data, findings, cfg.max_examples)
     phrases_of = finding_prompts(cfg, findings)
     grounder = grounder_for(config, model, mesh, parallel.logical_rules(config), tokenizer)
@@ -400,12 +422,7 @@ def grounding_report(cfg, config, model, params, mesh, builder, tokenizer, split
     maps = grounder.maps(params, cases.images[cases.image_index],
                          tokenizer.encode_batch(phrases), index, weights,
                          batch_size=cfg.batch_size)
-    out = metrics_by_group(maps, cases.regions, cases.findings, grid=patch_grid(config))
-    for finding in findings:  # Findings without a positive image with a region.
-        out["per_finding"].setdefault(finding, {"n": 0})
-    out["per_finding"] = {f: out["per_finding"][f] for f in findings}
-    return {"map": grounder.kind, "num_images": int(len(cases.images)), **out,
-            "prompts": {f: list(p) for f, p in phrases_of.items()}}
+    return FindingMaps(cases, maps, grounder.kind, phrases_of)
 
 
 # ------------------------------------------------------------------------------- reporting

@@ -117,6 +117,22 @@ def merge_subwords(
     return words.astype(token_features.dtype), counts > 0
 
 
+def text_words(
+    text_local: jax.Array,
+    token_ids: jax.Array,
+    starts_word: jax.Array | np.ndarray | None,
+    *,
+    sentence: bool = False,
+    max_words: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """A model's local text features -> (word features [B, W, D], word mask bool [B, W]):
+    `merge_subwords` of token features [B, T, D], or, with `sentence` (the model's
+    `local_text="sentence"`: features [B, 1, D] of the pooled text), the text's one word."""
+    if sentence:
+        return text_local, jnp.ones(text_local.shape[:2], bool)
+    return merge_subwords(text_local, token_ids, starts_word, max_words=max_words)
+
+
 # ------------------------------------------------------------------------------ similarity
 
 

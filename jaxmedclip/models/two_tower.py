@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmedclip import config_schema
 from jaxmedclip.models.layers import Dtype, dense_init, logical
 
 
@@ -71,9 +72,9 @@ class TwoTower(nn.Module):
             kernel_init=logical(dense_init, ("embed", "proj")),
         )
         self.image_local_proj = self.text_local_proj = None
-        if self.local_text not in ("words", "sentence"):
-            raise ValueError(f"local_text={self.local_text!r} is unknown; choose words or "
-                             "sentence")
+        if self.local_text not in config_schema.LOCAL_TEXTS:
+            raise ValueError(f"local_text={self.local_text!r} is unknown; choose one of "
+                             f"{config_schema.LOCAL_TEXTS}")
         if self.local_dim is not None:
             if self.local_dim <= 0:
                 raise ValueError(f"local_dim={self.local_dim} must be positive (None: off)")

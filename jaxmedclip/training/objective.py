@@ -95,12 +95,10 @@ class LocalTerm:
     def loss(self, image_local, text_local, batch, mesh):
         """(local loss, metrics) over the global batch; texts without words are left out,
         and so are examples without an image or a text (`image_mask`, `text_mask`)."""
-        if self.sentence:  # [B, 1, D]: the pooled feature is the text's one "word".
-            words, word_mask = text_local, jnp.ones(text_local.shape[:2], bool)
-        else:
-            words, word_mask = local_alignment.merge_subwords(
-                text_local, batch["tokens"], self.word_starts, max_words=self.max_words
-            )
+        words, word_mask = local_alignment.text_words(
+            text_local, batch["tokens"], self.word_starts, sentence=self.sentence,
+            max_words=self.max_words,
+        )
         mask = jnp.any(word_mask, axis=1)
         for name in ("mask", "image_mask", "text_mask"):
             if name in batch:
