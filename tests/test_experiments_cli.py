@@ -9,8 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from input_pipeline import pipeline
-from jaxmedclip import checkpointing, config_lib, train
+from input_pipeline import pipeline, synthetic_cxr
+from input_pipeline.images import encode_png
+from jaxmedclip import checkpointing, config_lib, ground, train
 from jaxmedclip.methods import local_alignment
 
 SMALL_DATA = [
@@ -114,6 +115,17 @@ def test_experiment_trains_through_main(name, data_dir, tmp_path):
             assert r["acc_i2t"] == r["image1_text1/acc_i2t"]
         if name in ("quickstart_cxrclip", "cxrclip"):
             assert setup.train_step.num_micro == 4
+        if name == "quickstart_cxrclip":
+            # The run's grounding maps through `python -m jaxmedclip.ground`: a phrase's
+            # attention over the head's 16 x 16 windows (two branches summed) sums to 1.
+            image = tmp_path / "study.png"
+            image.write_bytes(encode_png(synthetic_cxr.generate_study(0, "test", 3, 64).images[0]))
+            maps = ground.main(["--config", spec, "--workdir", str(tmp_path), "--phrase",
+                                "small left pleural effusion.", "--image", str(image),
+                                "--out", str(tmp_path / "map.png"),
+                                f"--config.data.data_dir={data_dir}"])
+            assert maps.shape == (1, 1, 64, 64) and maps.min() >= 0
+            np.testing.assert_allclose(maps.mean() * 16 * 16, 1.0, rtol=0.05)
             assert all(r["data_wait_s"] > 0 for r in records)
     elif name == "medclip_text_only":
         assert config.loss.targets == "soft_labels"
