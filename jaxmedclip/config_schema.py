@@ -86,6 +86,7 @@ LOCAL_SOURCES = ("tokens", "patches")
 # merged; GLoRIA), or the text tower's pooled feature, one "word" per text (the regions are
 # then pooled by their attention to the whole text, as PACL does).
 LOCAL_TEXTS = ("words", "sentence")
+LOCAL_HEAD_STEMS = ("window", "conv")
 TEXT_VARIANTS = ("causal", "bidirectional")
 TEXT_POOLS = (None, "eos", "first", "last")  # None: the variant's own.
 TEXT_LAYOUTS = ("pre_ln", "bert")
@@ -235,6 +236,13 @@ FIELDS: dict[str, Any] = dict(
         local_head_depth=_f(1),
         # One branch of the head per kernel size (features at several scales per window).
         local_head_kernels=_f((1,), *SEQ),
+        # How the head describes a window (LOCAL_HEAD_STEMS): "window", one linear
+        # embedding of its patch_size x patch_size pixels; "conv", a small CNN (3 x 3
+        # convolutions down to the stride, a power of two; windows 1 + 2 * stride wide).
+        local_head_stem=_f("window", choices=LOCAL_HEAD_STEMS),
+        # The local features read the towers' outputs through stop_gradient: the local
+        # loss trains the local head and projections, never the towers.
+        local_stop_gradient=_f(False),
         image=_tower(name=_f("vit", choices=("vit",)), patch_size=_f(REQUIRED, INT),
                      pool=_f("cls", choices=IMAGE_POOLS), num_channels=_f(1),
                      pre_norm=_f(False), patch_embed=_f("dense", choices=PATCH_EMBEDS)),

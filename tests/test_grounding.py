@@ -222,6 +222,41 @@ def test_local_patch_head_sees_only_its_receptive_field(kernels, depth, stride):
         np.testing.assert_array_equal(moved[branch], near(rows, rows_hit) & near(cols, cols_hit))
 
 
+@pytest.mark.parametrize("stride,kernels", [(2, (1,)), (4, (1, 3))])
+def test_conv_stem_windows_are_centred_and_bounded(stride, kernels):
+    """`stem="conv"`: one changed pixel moves, in a kernel-1 branch, exactly the windows
+    whose 1 + 2 * stride pixels cover it (window j: rows stride * j - stride / 2 - 1
+    onwards, centred half a pixel before its cell's centre), and a kernel-3 branch one window
+    further each way; a stride that is not a power of two is refused by name."""
+    head = models.vit.LocalPatchHead(patch_size=8, width=16, kernels=kernels, stride=stride,
+                                     stem="conv")
+    images = np.random.default_rng(0).normal(size=(1, 32, 32, 1)).astype(np.float32)
+    params = jax.jit(head.init)(jax.random.key(0), images)
+    grid, width = 32 // stride, 1 + 2 * stride
+    starts = np.arange(grid) * stride - stride // 2 - 1
+    cell_centres = np.arange(grid) * stride + (stride - 1) / 2  # In pixel indices.
+    np.testing.assert_allclose(starts + (width - 1) / 2, cell_centres - 0.5)
+    for y, x in ((13, 18), (0, 31)):
+        changed = images.copy()
+        changed[0, y, x] += 1.0
+        before, after = (np.asarray(jax.jit(head.apply)(params, a)) for a in (images, changed))
+        assert before.shape == (1, len(kernels) * grid * grid, 16)
+        moved = np.abs(after - before)[0].max(-1).reshape(len(kernels), grid, grid) > 1e-6
+        for branch, kernel in enumerate(kernels):
+            reach = (kernel - 1) // 2
+            near = [np.convolve((starts <= p) & (p < starts + width), np.ones(2 * reach + 1),
+                                "same") > 0 for p in (y, x)]
+            np.testing.assert_array_equal(moved[branch], np.outer(*near))
+    from test_evaluate_entry import _tiny_config
+
+    config = _tiny_config(**{"model.local_dim": 8, "model.local_source": "patches",
+                             "model.local_head_stem": "conv", "model.local_head_stride": 6,
+                             "data.image_size": 48})
+    with pytest.raises(ValueError, match=r"local_head_stem='conv'.*local_head_stride=6.*power "
+                                         r"of two"):
+        models.build_model(config.model, config.data)
+
+
 @pytest.fixture(scope="module")
 def sentence_model():
     """A random tiny model whose local alignment reads a patch head and pooled texts."""

@@ -180,9 +180,32 @@ def test_local_loss_train_step_equals_dense_reference(setup, impl):
 def sentence_setup():
     """`setup` with the Quickstart's grounding term: a one-patch head, pooled texts."""
     config = _small_config("all_gather")
-    config.model.update(local_source="patches", local_text="sentence",
+    config.model.update(local_source="patches", local_text="sentence", local_head_stem="conv",
                         local_head_kernels=(1, 3), local_head_stride=2)
     return Setup(config)
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_local_stop_gradient_keeps_the_local_term_out_of_the_towers(sentence_setup, stop):
+    """With model.local_stop_gradient the towers' gradients are those of the global loss
+    alone, while the head and both local projections still learn; without it the text
+    tower also learns from the local term."""
+    setup = sentence_setup
+    config = config_lib.apply_overrides(setup.config, [f"model.local_stop_gradient={stop}"])
+    model = _build_model(config)
+    reference = lambda weight: _dense_reference(
+        model, config_lib.apply_overrides(config, [f"loss.local.weight={weight}"]),
+        setup.params, setup.host_batch, setup.word_starts)[3]
+    grads, global_grads = reference(1.0), reference(0.0)
+    for name in ("local_head", "image_local_proj", "text_local_proj"):
+        assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads[name])) > 1e-4, name
+    _assert_trees_close(grads["image_tower"], global_grads["image_tower"])
+    if stop:
+        _assert_trees_close(grads["text_tower"], global_grads["text_tower"])
+    else:
+        assert not all(np.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(
+            jax.tree.leaves(grads["text_tower"]), jax.tree.leaves(global_grads["text_tower"]),
+            strict=True))
 
 
 @pytest.mark.parametrize("impl", ["all_gather", pytest.param("ring", marks=pytest.mark.slow)])

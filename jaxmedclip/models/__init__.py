@@ -121,9 +121,14 @@ def build_model(
         if not 1 <= stride <= patch or size % stride:
             raise ValueError(f"model.local_head_stride={stride} must be in [1, "
                              f"model.image.patch_size={patch}] and divide data.image_size={size}")
+        stem = model_config.local_head_stem
+        if stem == "conv" and stride & (stride - 1):
+            raise ValueError(f"model.local_head_stem='conv' halves the image down to "
+                             f"model.local_head_stride={stride}: it must be a power of two")
         local_head = LocalPatchHead(
             patch_size=patch,
             stride=stride,
+            stem=stem,
             width=model_config.local_head_width or image_cfg.width,
             depth=model_config.local_head_depth,
             kernels=kernels,
@@ -143,6 +148,7 @@ def build_model(
         local_dim=model_config.local_dim,
         local_head=local_head,
         local_text=model_config.local_text,
+        local_stop_gradient=model_config.local_stop_gradient,
         dtype=dtype,
         param_dtype=param_dtype,
     )

@@ -38,7 +38,10 @@ class TwoTower(nn.Module):
     [B, T, local_dim], not normalised (the loss takes cosines). The image side reads the
     tower's patch tokens, or, given `local_head` (`vit.LocalPatchHead`), that head's
     features of the images (`local_regions`). With `local_text="sentence"` the text side is
-    the projected pooled feature, `text_local` [B, 1, local_dim] (`local_texts`).
+    the projected pooled feature, `text_local` [B, 1, local_dim] (`local_texts`). With
+    `local_stop_gradient` the local features read the towers' outputs through
+    `stop_gradient`: a local loss then trains the local head and projections only, and the
+    towers learn from the global terms alone.
     """
 
     image_tower: nn.Module
@@ -53,6 +56,7 @@ class TwoTower(nn.Module):
     local_dim: int | None = None
     local_head: nn.Module | None = None
     local_text: str = "words"
+    local_stop_gradient: bool = False
 
     def setup(self):
         self.image_proj = None
@@ -114,7 +118,7 @@ class TwoTower(nn.Module):
             return self.image_local_proj(self.local_head(images))
         if patches is None:
             _, patches = self.image_tower(images)
-        return self.image_local_proj(patches)
+        return self.image_local_proj(self._tower_output(patches))
 
     def local_texts(self, tokens: jax.Array) -> jax.Array:
         """[B, T, local_dim] token features (`local_text="words"`) or [B, 1, local_dim]
@@ -124,8 +128,11 @@ class TwoTower(nn.Module):
 
     def _local_text_features(self, pooled, features):
         if self.local_text == "sentence":
-            return self.text_local_proj(pooled)[:, None, :]
-        return self.text_local_proj(features)
+            return self.text_local_proj(self._tower_output(pooled))[:, None, :]
+        return self.text_local_proj(self._tower_output(features))
+
+    def _tower_output(self, x):
+        return jax.lax.stop_gradient(x) if self.local_stop_gradient else x
 
     def temperature(self) -> tuple[jax.Array, jax.Array]:
         """(scale, bias) as used by the losses: scale = min(exp(log_scale), max_scale)."""

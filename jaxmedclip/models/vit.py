@@ -101,6 +101,7 @@ class LocalPatchHead(nn.Module):
     depth: int = 1
     kernels: tuple[int, ...] = (1,)
     stride: int | None = None  # None: patch_size.
+    stem: str = "window"  # config_schema.LOCAL_HEAD_STEMS.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     image_mean: float = 0.0
@@ -110,7 +111,9 @@ class LocalPatchHead(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         images = normalize_pixels(images, self.image_mean, self.image_std, self.dtype)
         stride = self.stride or self.patch_size
-        if stride == self.patch_size:
+        if self.stem == "conv":
+            x = self._conv_stem(images, stride)
+        elif stride == self.patch_size:
             x = PatchEmbed(self.patch_size, self.width, "dense", self.dtype, self.param_dtype,
                            name="patch_embed")(images)
         else:
@@ -143,6 +146,29 @@ class LocalPatchHead(nn.Module):
             y = layer_norm(self.dtype, self.param_dtype, f"norm_{b}")(y)
             branches.append(y.reshape(batch, gh * gw, self.width))
         return jnp.concatenate(branches, axis=1)
+
+    def _conv_stem(self, images: jax.Array, stride: int) -> jax.Array:
+        """`stem="conv"`: a 3 x 3 convolution at full resolution, then one 3 x 3
+        convolution of stride 2 per halving down to `stride` (a power of two), GELU
+        between them and doubling channels up to `width`. A window is then 1 + 2 * stride
+        pixels wide (9 for stride 4) and described nonlinearly: textures
+        (fluid's flat grey, a lung without markings) as well as edges, which the linear
+        window embedding mostly sees."""
+        halvings = stride.bit_length() - 1
+        x = images
+        for i in range(halvings + 1):  # Layer i: width / 2^(halvings - i) channels.
+            if i:
+                x = nn.gelu(x)
+            # Stride-2 layers pad after, the last before: their shifts (half their input's
+            # spacing each) cancel but for half a pixel, so window i is centred on cell i.
+            step, pad = (1, (1, 1)) if i == 0 else (2, (0, 1) if i < halvings else (1, 0))
+            x = nn.Conv(max(self.width >> (halvings - i), 8), (3, 3), (step, step),
+                        padding=(pad, pad), dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=logical(nn.initializers.lecun_normal(),
+                                            ("conv_height", "conv_width", None, "embed")),
+                        bias_init=logical(nn.initializers.zeros, ("embed",)),
+                        name=f"stem_{i}")(x)
+        return x
 
 
 class AttentionPool(nn.Module):
