@@ -227,8 +227,10 @@ def box_metrics(model: predict.LoadedModel, regions: Sequence[BoxRegion], images
                          f"{first['error']}); check --images-root")
     maps = phrase_maps(model, np.stack(inputs), phrases)
     out = grounding.metrics_by_group(maps, np.stack(masks), labels,
-                                     grid=grounding.patch_grid(model.config))
+                                     grid=grounding.patch_grid(model.config),
+                                     sigma=grounding.map_spread(model.config))
     out["map"] = grounding.map_kind(model.config)
+    out["spread"] = grounding.map_spread(model.config)
     out["num_regions"] = len(inputs)
     out["skipped"] = skipped
     return out

@@ -290,6 +290,12 @@ def test_sentence_attention_maps_are_each_phrases_attention_over_patches(sentenc
     low = np.stack([sum(w * attention[n, q] for q, w in zip(index[n], weights[n], strict=True))
                     for n in range(len(images))])
     np.testing.assert_allclose(maps, _upsample(low, images.shape[1]), atol=1e-5)
+    # Spread over the windows' pixels: the same maps through `spread`.
+    spread = grounding.Grounder(model, mesh, parallel.logical_rules(config),
+                                kind="sentence_attention", t1=10.0, sigma=4.0)
+    np.testing.assert_allclose(
+        spread.maps(params, images, phrases, index, weights, batch_size=8),
+        grounding.spread(maps, 4.0), atol=1e-6)
     # The kind must match the model; the entry points pick it from the config.
     with pytest.raises(ValueError, match=r"word_attention maps need a model whose local_text "
                                          r"is words"):
@@ -297,6 +303,36 @@ def test_sentence_attention_maps_are_each_phrases_attention_over_patches(sentenc
                            starts_word=np.ones(64, bool))
     assert grounding.map_kind(config_lib.load_config("experiments/tiny_synthetic.py")) \
         == "sentence_attention"
+
+
+def test_spread_is_a_normalised_gaussian_and_follows_the_head():
+    """`spread` blurs by a Gaussian of sigma pixels (sums kept away from the edges; 0: as
+    is); `map_spread` is the head's stride for maps over a head, 0 for the towers' patch
+    maps, and eval.grounding_spread when set."""
+    maps = np.zeros((2, 33, 33), np.float32)
+    maps[0, 16, 16], maps[1, 0, 0] = 1.0, 1.0
+    out = np.asarray(grounding.spread(maps, 2.0))
+    x = np.arange(-16, 17)
+    gauss = np.exp(-0.5 * (x / 2.0) ** 2)
+    gauss /= gauss[np.abs(x) <= 6].sum()  # Taps out to 3 sigma.
+    np.testing.assert_allclose(out[0], np.outer(gauss, gauss) * (np.abs(x) <= 6)[:, None]
+                               * (np.abs(x) <= 6)[None, :], atol=1e-7)
+    assert out[0].sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.unravel_index(np.argmax(out[1]), (33, 33)) == (0, 0)  # Edges repeated.
+    np.testing.assert_array_equal(grounding.spread(maps, 0.0), maps)
+    noise = grounding.random_maps(4, 8, 32, seed=0)
+    smooth = grounding.random_maps(4, 8, 32, seed=0, sigma=4.0)
+    np.testing.assert_allclose(smooth, grounding.spread(noise, 4.0), atol=1e-6)
+
+    quickstart = config_lib.load_config("experiments/tiny_synthetic.py")
+    assert grounding.map_spread(quickstart) == quickstart.model.local_head_stride == 4
+    towers = config_lib.apply_overrides(quickstart, ["loss.local.weight=0.0"])
+    assert grounding.map_spread(towers) == 0.0
+    quickstart.eval.grounding_spread = 2.5
+    assert grounding.map_spread(quickstart) == 2.5
+    quickstart.eval.grounding_spread = -1.0
+    with pytest.raises(ValueError, match=r"eval.grounding_spread=-1.0 must be >= 0"):
+        grounding.map_spread(quickstart)
 
 
 def test_box_masks_follow_the_resize_with_pad():

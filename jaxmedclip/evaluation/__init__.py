@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
             # where the split's records mark the findings' regions (synthetic_cxr >= 1.5.0).
             grounding=True,
             grounding_findings=LOCALISED_FINDINGS,
+            # Sigma (pixels) of the Gaussian that spreads the maps; None: the local head's
+            # stride for maps over a head, else 0 (grounding.map_spread).
+            grounding_spread=None,
             # Report drafting by sentence retrieval (evaluation.drafting), in `python -m
             # jaxmedclip.evaluate`: label F1 of drafts against the reference reports.
             drafting=True,

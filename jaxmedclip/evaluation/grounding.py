@@ -17,6 +17,10 @@ size S x S:
   where the phrase's finding is, not what the whole image holds. A head with several
   branches (`model.local_head_kernels`) has a region per branch and window; a window's
   value is the sum of its branches' attention.
+A head's window describes the pixels around its centre, not a point: its maps are spread
+over them (`map_spread`: a Gaussian of sigma = the head's stride in pixels, after the
+upsampling; `eval.grounding_spread` overrides it). Without it a window on a finding's edge
+wins or loses the pointing game on which side of the edge its centre falls.
 A finding's map is the mean of the maps of its positive zero-shot prompts
 (`eval.prompts`), as its zero-shot score uses their mean embedding.
 
@@ -26,11 +30,11 @@ Metrics over the images with a region (bool [S, S]) for a phrase:
   sqrt(var inside + var outside) of the map's values; a constant map scores 0;
 - baselines: `uniform`, a point drawn uniformly at random hits with probability the
   region's area fraction (a constant map's CNR is 0); `random`, the CNR of maps of
-  independent standard normal values per patch, upsampled as the model's maps are
-  (seeded; |mean difference| makes noise score above 0); `prior`, the mean region mask of
-  the finding over the scored images themselves used as every image's map (a map that
-  knows only where the finding usually lies; fit on the scored split, so an optimistic
-  bar).
+  independent standard normal values per patch, upsampled and spread as the model's maps
+  are (seeded; |mean difference| makes noise score above 0); `prior`, the mean region
+  mask of the finding over the scored images themselves used as every image's map (a map
+  that knows only where the finding usually lies; fit on the scored split, so an
+  optimistic bar).
 
 `grounding_report` runs this on a synthetic split: each image positive (label 1) for one
 of `eval.grounding_findings` whose `regions` record (synthetic_cxr >= 1.5.0) marks it.
@@ -78,6 +82,33 @@ def word_starts(config, pieces: Sequence[str]) -> np.ndarray:
     return np.pad(table, (0, max(0, config.data.vocab_size - len(table))))
 
 
+def map_spread(config) -> float:
+    """Sigma in pixels of the Gaussian that spreads `config`'s maps (module doc):
+    `eval.grounding_spread` when set, else the local head's stride for maps over a head
+    (`model.local_source="patches"`), else 0 (none)."""
+    spread = config.get("eval", {}).get("grounding_spread")
+    if spread is not None:
+        if spread < 0:
+            raise ValueError(f"eval.grounding_spread={spread} must be >= 0 (0: none)")
+        return float(spread)
+    if map_kind(config) != "patch_similarity" and config.model.get("local_source") == "patches":
+        return float(config.data.image_size // patch_grid(config))
+    return 0.0
+
+
+def spread(maps: jax.Array, sigma: float) -> jax.Array:
+    """maps [N, H, W] blurred by a Gaussian of `sigma` pixels (edges repeated); 0: as is."""
+    if not sigma:
+        return maps
+    radius = max(1, math.ceil(3 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = jnp.asarray(taps / taps.sum(), maps.dtype)
+    padded = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
+    size = 2 * radius + 1
+    rows = sum(taps[k] * padded[:, k:k + maps.shape[1], :] for k in range(size))
+    return sum(taps[k] * rows[:, :, k:k + maps.shape[2]] for k in range(size))
+
+
 # ------------------------------------------------------------------------------------ maps
 
 
@@ -89,11 +120,13 @@ class Grounder:
     """Jitted phrase maps of one model on one mesh.
 
     `maps(params, images, phrase_tokens, phrase_index, phrase_weights)`: image n's map is
-    sum_k phrase_weights[n, k] * map(image n, phrase phrase_index[n, k]).
+    sum_k phrase_weights[n, k] * map(image n, phrase phrase_index[n, k]), upsampled and
+    spread by a Gaussian of `sigma` pixels (`spread`).
     """
 
     def __init__(self, model: nn.Module, mesh, rules, *, kind: str = "patch_similarity",
-                 starts_word: np.ndarray | None = None, t1: float = 4.0):
+                 starts_word: np.ndarray | None = None, t1: float = 4.0,
+                 sigma: float = 0.0):
         if kind not in MAP_KINDS:
             raise ValueError(f"map kind {kind!r} is unknown; choose one of {MAP_KINDS}")
         sentence = kind == "sentence_attention"
@@ -143,7 +176,7 @@ class Grounder:
             grid = math.isqrt(low.shape[1])
             low = low.reshape(low.shape[0], grid, grid)
             size = images.shape[1]
-            return jax.image.resize(low, (low.shape[0], size, size), "bilinear")
+            return spread(jax.image.resize(low, (low.shape[0], size, size), "bilinear"), sigma)
 
         self._text_side = jax.jit(text_side, out_shardings=replicated)
         self._image_side = jax.jit(image_side, out_shardings=replicated)
@@ -186,18 +219,18 @@ class Grounder:
 def grounder_for(config, model, mesh, rules, tokenizer) -> Grounder:
     """The `Grounder` of `config`'s model: word attention where it was trained with the
     local loss (`map_kind`), patch similarity otherwise."""
-    kind = map_kind(config)
+    kind, sigma = map_kind(config), map_spread(config)
     if kind == "patch_similarity":
-        return Grounder(model, mesh, rules)
+        return Grounder(model, mesh, rules, sigma=sigma)
     t1 = float(config.loss.local.get("t1", 4.0))
     if kind == "sentence_attention":  # No words to find.
-        return Grounder(model, mesh, rules, kind=kind, t1=t1)
+        return Grounder(model, mesh, rules, kind=kind, t1=t1, sigma=sigma)
     pieces = getattr(tokenizer, "pieces", None)
     if pieces is None:
         raise ValueError("word-attention maps (a model trained with loss.local) need the "
                          "SentencePiece tokenizer's pieces: use the training run's tokenizer")
     return Grounder(model, mesh, rules, kind=kind, starts_word=word_starts(config, pieces),
-                    t1=t1)
+                    t1=t1, sigma=sigma)
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -219,17 +252,18 @@ def contrast_to_noise(heatmap: np.ndarray, region: np.ndarray) -> float:
     return 0.0 if spread == 0 else abs(inside.mean() - outside.mean()) / spread
 
 
-def random_maps(num: int, grid: int, size: int, seed: int = 0) -> np.ndarray:
+def random_maps(num: int, grid: int, size: int, seed: int = 0, sigma: float = 0.0
+                ) -> np.ndarray:
     """float32 [num, size, size]: standard normal values on a grid x grid lattice of
-    patches, upsampled (bilinear) as `Grounder` upsamples its maps."""
+    patches, upsampled (bilinear) and spread (`sigma`) as `Grounder` makes its maps."""
     low = np.random.default_rng(seed).standard_normal((num, grid, grid), np.float32)
-    return np.asarray(jax.image.resize(low, (num, size, size), "bilinear"))
+    return np.asarray(spread(jax.image.resize(low, (num, size, size), "bilinear"), sigma))
 
 
 def region_metrics(maps: np.ndarray, regions: np.ndarray, *, grid: int | None = None,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, sigma: float = 0.0) -> dict[str, Any]:
     """Pointing game, CNR and their baselines (module doc) over maps / regions [N, H, W];
-    `grid` (patches per side) adds the random maps' CNR."""
+    `grid` (patches per side) adds the random maps' CNR, spread by `sigma` as the maps."""
     maps, regions = np.asarray(maps), np.asarray(regions, bool)
     n = len(regions)
     if n == 0:
@@ -246,7 +280,7 @@ def region_metrics(maps: np.ndarray, regions: np.ndarray, *, grid: int | None = 
         "cnr_prior": float(np.nanmean([contrast_to_noise(prior, r) for r in regions])),
     }
     if grid is not None:
-        noise = random_maps(n, grid, regions.shape[-1], seed)
+        noise = random_maps(n, grid, regions.shape[-1], seed, sigma)
         out["cnr_random"] = float(np.nanmean([contrast_to_noise(m, r) for m, r in zip(
             noise, regions, strict=True)]))
     return out
@@ -257,11 +291,12 @@ MEAN_KEYS = ("pointing_game", "pointing_game_uniform", "pointing_game_prior", "c
 
 
 def metrics_by_group(maps: np.ndarray, regions: np.ndarray, groups: Sequence[str], *,
-                     grid: int | None = None) -> dict[str, Any]:
+                     grid: int | None = None, sigma: float = 0.0) -> dict[str, Any]:
     """{"per_finding": group -> `region_metrics`, "mean": the unweighted mean over the
     groups with images} for maps / regions [N, H, W] of `groups` [N] (finding or label)."""
     groups = np.asarray(groups, dtype=object)
-    per = {str(g): region_metrics(maps[groups == g], regions[groups == g], grid=grid, seed=k)
+    per = {str(g): region_metrics(maps[groups == g], regions[groups == g], grid=grid, seed=k,
+                                  sigma=sigma)
            for k, g in enumerate(dict.fromkeys(groups.tolist()))}
     scored = [r for r in per.values() if r["n"]]
     mean = {key: float(np.mean([r[key] for r in scored])) if scored else None
@@ -392,11 +427,13 @@ def grounding_report(cfg, config, model, params, mesh, builder, tokenizer, split
     findings = tuple(cfg.grounding_findings)
     result = finding_maps(cfg, config, model, params, mesh, builder, tokenizer, split)
     cases = result.cases
-    out = metrics_by_group(result.maps, cases.regions, cases.findings, grid=patch_grid(config))
+    out = metrics_by_group(result.maps, cases.regions, cases.findings, grid=patch_grid(config),
+                           sigma=map_spread(config))
     for finding in findings:  # Findings without a positive image with a region.
         out["per_finding"].setdefault(finding, {"n": 0})
     out["per_finding"] = {f: out["per_finding"][f] for f in findings}
-    return {"map": result.kind, "num_images": int(len(cases.images)), **out,
+    return {"map": result.kind, "spread": map_spread(config),
+            "num_images": int(len(cases.images)), **out,
             "prompts": {f: list(p) for f, p in result.prompts.items()}}
 
 
@@ -435,7 +472,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 def summary_lines(grounding: Mapping[str, Any]) -> list[str]:
     """The console table of a report's `grounding` section."""
-    lines = [f"grounding ({grounding['map'].replace('_', ' ')} maps): pointing game "
+    spread = f", spread {grounding['spread']:g} px" if grounding.get("spread") else ""
+    lines = [f"grounding ({grounding['map'].replace('_', ' ')} maps{spread}): pointing game "
              "(baselines: uniform point, location prior), CNR (random map, location prior)",
              f"  {'finding':<28} {'n':>5} {'pointing':>9} {'uniform':>8} {'prior':>6} "
              f"{'CNR':>6} {'random':>7} {'prior':>6}"]
