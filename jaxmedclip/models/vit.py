@@ -85,7 +85,8 @@ class LocalPatchHead(nn.Module):
 
     A window embedding of its own (a p x p convolution of that stride, "SAME" padding, so
     that window i is centred on the centre of the i-th stride x stride cell, as bilinear
-    upsampling of the grid assumes) and learned positions, shared by the branches; branch
+    upsampling of the grid assumes; or, with `stem="conv"`, a small CNN: `_conv_stem`)
+    and learned positions, shared by the branches; branch
     b is `depth` pre-norm residual blocks x + Dense(gelu(Conv_k(LayerNorm(x)))) over the
     window grid with k = kernels[b], then a LayerNorm. A feature of branch b sees
     1 + depth * (k - 1) windows a side and nothing else, unlike a transformer's patch
