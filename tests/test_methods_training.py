@@ -185,7 +185,7 @@ def sentence_setup():
     return Setup(config)
 
 
-@pytest.mark.parametrize("stop", [False, True])
+@pytest.mark.parametrize("stop", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_local_stop_gradient_keeps_the_local_term_out_of_the_towers(sentence_setup, stop):
     """With model.local_stop_gradient the towers' gradients are those of the global loss
     alone, while the head and both local projections still learn; without it the text
