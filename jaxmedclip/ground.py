@@ -226,11 +226,11 @@ def box_metrics(model: predict.LoadedModel, regions: Sequence[BoxRegion], images
         raise ValueError(f"no image of --boxes could be read (first: {first['path']}: "
                          f"{first['error']}); check --images-root")
     maps = phrase_maps(model, np.stack(inputs), phrases)
+    sigma = grounding.map_spread(model.config)
     out = grounding.metrics_by_group(maps, np.stack(masks), labels,
-                                     grid=grounding.patch_grid(model.config),
-                                     sigma=grounding.map_spread(model.config))
+                                     grid=grounding.patch_grid(model.config), sigma=sigma)
     out["map"] = grounding.map_kind(model.config)
-    out["spread"] = grounding.map_spread(model.config)
+    out["spread"] = sigma
     out["num_regions"] = len(inputs)
     out["skipped"] = skipped
     return out

@@ -82,6 +82,20 @@ def word_starts(config, pieces: Sequence[str]) -> np.ndarray:
     return np.pad(table, (0, max(0, config.data.vocab_size - len(table))))
 
 
+def _maps_over_head(config) -> bool:
+    """Are `config`'s maps read off a local head (`model.local_source="patches"`)?"""
+    return (map_kind(config) != "patch_similarity"
+            and config.model.get("local_source") == "patches")
+
+
+def map_stride(config) -> int:
+    """Pixels between the centres of neighbouring map cells: the local head's stride where
+    its features make the maps, else the image tower's patch size."""
+    patch = config.model.image.patch_size
+    return (config.model.get("local_head_stride") or patch) if _maps_over_head(config) \
+        else patch
+
+
 def map_spread(config) -> float:
     """Sigma in pixels of the Gaussian that spreads `config`'s maps (module doc):
     `eval.grounding_spread` when set, else the local head's stride for maps over a head
@@ -91,9 +105,7 @@ def map_spread(config) -> float:
         if spread < 0:
             raise ValueError(f"eval.grounding_spread={spread} must be >= 0 (0: none)")
         return float(spread)
-    if map_kind(config) != "patch_similarity" and config.model.get("local_source") == "patches":
-        return float(config.data.image_size // patch_grid(config))
-    return 0.0
+    return float(map_stride(config)) if _maps_over_head(config) else 0.0
 
 
 def spread(maps: jax.Array, sigma: float) -> jax.Array:
@@ -410,11 +422,8 @@ def phrase_table(phrases_of: Mapping[str, Sequence[str]], keys: Sequence[str]
 
 def patch_grid(config) -> int:
     """Patches per side of the model's maps: the local head's where its features make
-    them (`model.local_source="patches"`), else the image tower's."""
-    patch = config.model.image.patch_size
-    if map_kind(config) != "patch_similarity" and config.model.get("local_source") == "patches":
-        patch = config.model.get("local_head_stride") or patch
-    return config.data.image_size // patch
+    them (`model.local_source="patches"`), else the image tower's (`map_stride`)."""
+    return config.data.image_size // map_stride(config)
 
 
 def grounding_report(cfg, config, model, params, mesh, builder, tokenizer, split: str
@@ -427,12 +436,13 @@ def grounding_report(cfg, config, model, params, mesh, builder, tokenizer, split
     findings = tuple(cfg.grounding_findings)
     result = finding_maps(cfg, config, model, params, mesh, builder, tokenizer, split)
     cases = result.cases
+    sigma = map_spread(config)
     out = metrics_by_group(result.maps, cases.regions, cases.findings, grid=patch_grid(config),
-                           sigma=map_spread(config))
+                           sigma=sigma)
     for finding in findings:  # Findings without a positive image with a region.
         out["per_finding"].setdefault(finding, {"n": 0})
     out["per_finding"] = {f: out["per_finding"][f] for f in findings}
-    return {"map": result.kind, "spread": map_spread(config),
+    return {"map": result.kind, "spread": sigma,
             "num_images": int(len(cases.images)), **out,
             "prompts": {f: list(p) for f, p in result.prompts.items()}}
 
